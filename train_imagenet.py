@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.0, help="timm ModelEmaV3 decay; 0 disables")
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=90)
-    g.add_argument("--schedule", default="cosine", choices=("cosine", "step", "multistep", "constant"))
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "step", "multistep", "constant"),
+                   help="after warmup; linear decays to 0 (with warmup: FFCV's triangular schedule)")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--step-size", type=int, default=30, help="epochs between decays for --schedule step")
     g.add_argument("--milestones", type=int, nargs="+", default=[30, 60, 80], help="epochs, multistep")
@@ -338,6 +339,8 @@ def lr_factor(step: int, *, args, steps_per_epoch: int) -> float:
         progress = (step - warmup) / max(1, total - warmup)
         floor = args.min_lr_ratio
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if args.schedule == "linear":
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
     if args.schedule == "step":
         return args.gamma ** int(epoch // args.step_size)
     if args.schedule == "multistep":
