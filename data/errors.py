@@ -1,0 +1,9 @@
+"""The one exception type of the data package."""
+
+
+class DataError(Exception):
+    """A problem with the input data or output location, explained in one line that names the path.
+
+    The CLI prints it as ``error: ...`` and exits 2; the loaders raise it at construction time
+    (missing files, too few shards) or while iterating (too many corrupt samples).
+    """

@@ -1,0 +1,363 @@
+"""Training and validation loaders over our WebDataset shards.
+
+Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` (normalise on
+the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in; nothing here needs
+``torch.distributed``. The loaders are plain iterables: do not pass them through ``accelerator.prepare``.
+
+Training (``build_train_loader``)
+    Every rank yields exactly ``len(loader) = num_samples // (batch_size * world_size)`` full batches
+    per epoch, so no rank ever waits on another. Each epoch the shard list is shuffled from
+    (seed, epoch) and dealt round-robin to ``world_size * max(1, num_workers)`` reader slots; a slot
+    streams its shards through a shuffle buffer of undecoded samples and cuts them into batches. The
+    DataLoader takes batch ``i`` of a rank from worker ``i % num_workers``, so slot ``v`` owns the
+    rank's batches ``v, v + W, v + 2W, ...`` and the batches are a function of (seed, epoch, rank,
+    world size, worker count) only. A slot whose shards hold fewer samples than its batches need
+    reads its shards again (at most a shard's worth of repeats, only when the shards do not divide
+    evenly); fewer shards than slots is a DataError at construction that says how many are needed.
+    Random augmentation is seeded per batch, which makes ``set_epoch(e, start_batch=k)`` exact: the
+    skipped batches are read but not decoded.
+
+Validation (``build_val_loader``)
+    Shard ``s`` goes to slot ``s % (world_size * W)``: every sample is read by exactly one rank and
+    worker, nothing is padded or repeated, the last batch of each worker may be short, and ranks or
+    workers without a shard yield nothing.
+
+Corrupt samples (undecodable image, missing or bad ``cls``) are skipped with one warning naming the
+shard and key and counted in ``loader.bad_samples`` (shared memory, so it sums over all worker
+processes). In a training batch the hole is filled with another sample of the same batch, which
+keeps the batch full and resume exact. Once at least ``MIN_SAMPLES_FOR_BAD_RATE`` samples have been
+decoded, a bad fraction above ``max_bad_fraction`` raises DataError naming the shard; so does a
+batch in which every sample is bad.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import multiprocessing
+import random
+import tarfile
+from contextlib import contextmanager
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .errors import DataError
+from .shards import IMAGE_KEY, LABEL_KEY, NAME_KEY
+from .sources import ShardSet, resolve_shards
+from .transforms import TrainAugment, train_transform, val_transform
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLES_FOR_BAD_RATE = 1000  # one bad image among the first few must not stop a run
+SHUFFLE_BUFFER = 2000  # undecoded samples per worker: ~220 MB at ImageNet's ~110 KB per JPEG
+
+
+# ---------------------------------------------------------------- reading and decoding
+
+def read_shard(url: str):
+    """The samples of one tar shard, as dicts of undecoded bytes plus ``__key__`` and ``__url__``."""
+    try:
+        with wds.gopen(url, "rb") as stream:
+            yield from group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+        raise DataError(f"cannot read shard {url}: {e}") from None
+
+
+def _shuffled(samples, bufsize: int, rng: random.Random):
+    """Reservoir-style shuffle buffer: fill to ``bufsize``, then emit a random element per new one."""
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        k = rng.randrange(bufsize)
+        yield buf[k]
+        buf[k] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Seed python, numpy and torch RNGs (timm and torchvision draw from all three), then restore them,
+    so that with num_workers=0 the caller's own random streams are left untouched."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class BadSampleCounter:
+    """(bad, seen) counts in shared memory: summed over worker processes, readable in the main one."""
+
+    def __init__(self, max_bad_fraction: float):
+        self.max_bad_fraction = max_bad_fraction
+        self._counts = multiprocessing.Array("q", 2)
+
+    @property
+    def bad(self) -> int:
+        return self._counts[0]
+
+    @property
+    def seen(self) -> int:
+        return self._counts[1]
+
+    def add(self, bad: int, seen: int, url: str) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += bad
+            self._counts[1] += seen
+            total_bad, total_seen = self._counts[0], self._counts[1]
+        if total_seen >= MIN_SAMPLES_FOR_BAD_RATE and total_bad > self.max_bad_fraction * total_seen:
+            raise DataError(f"too many corrupt samples: {total_bad} of {total_seen} "
+                            f"(more than {self.max_bad_fraction:.3%}), the latest in shard {url}")
+
+
+def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampleCounter):
+    """Decode and transform ``raw`` samples; returns (images, labels, number of bad samples skipped)."""
+    images, labels = [], []
+    for s in raw:
+        try:
+            label = int(s[LABEL_KEY])
+            if not 0 <= label < num_classes:
+                raise ValueError(f"class index {label} outside [0, {num_classes})")
+            with Image.open(io.BytesIO(s[IMAGE_KEY])) as img:
+                images.append(transform(img))
+            labels.append(label)
+        except (KeyError, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            name = s.get(NAME_KEY, b"?").decode("utf-8", "replace")
+            log.warning("skipping corrupt sample %s (%s) in shard %s: %s: %s",
+                        s.get("__key__"), name, s.get("__url__"), type(e).__name__, e)
+    bad = len(raw) - len(images)
+    counter.add(bad, len(raw), raw[-1].get("__url__", "?") if raw else "?")
+    if not images:
+        return None, None, bad
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), bad
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _one_line(e: Exception) -> str:
+    """A worker's DataError reaches the main process with its traceback: keep the message only."""
+    last = str(e).strip().splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
+
+
+# ---------------------------------------------------------------- training
+
+def _owned(v: int, n: int, slots: int) -> int:
+    """How many of the batch indices 0..n-1 fall to worker slot ``v`` under round-robin over ``slots``."""
+    return max(0, (n - v + slots - 1) // slots)
+
+
+def _rng(*parts) -> random.Random:
+    # str seeds are hashed with SHA-512 by random.seed, so this is stable across processes and runs
+    return random.Random("/".join(map(str, parts)))
+
+
+class _TrainStream(IterableDataset):
+    """The batches of one rank; each DataLoader worker produces those of its slot (see module doc)."""
+
+    def __init__(self, shards: ShardSet, loader: "TrainLoader", transform):
+        self.shards, self.transform = shards, transform
+        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
+        self.batch_size, self.num_batches = loader.batch_size, loader.num_batches
+        self.shuffle_buffer, self.state, self.counter = loader.shuffle_buffer, loader._state, loader._counter
+
+    def __iter__(self):
+        # Read (epoch, start_batch) when the iterator is made, which a DataLoader does in every worker
+        # at the start of every epoch, persistent workers included.
+        epoch, start = self.state[0], self.state[1]
+        worker, workers = _worker()
+        # The DataLoader hands iteration batch j to worker j % workers; after skipping `start` batches
+        # that is epoch batch start + j, owned by slot (worker + start) % workers.
+        return self._batches(epoch, start, (worker + start) % workers, workers)
+
+    def _slot_samples(self, epoch: int, slot: int, slots: int):
+        order = list(range(len(self.shards.urls)))
+        _rng("shards", self.seed, epoch).shuffle(order)  # same order on every rank and worker
+        mine = [self.shards.urls[i] for i in order[slot::slots]]
+        while True:  # wrap around when this slot's shards hold fewer samples than its batches need
+            n = 0
+            for url in mine:
+                for sample in read_shard(url):
+                    n += 1
+                    yield sample
+            if n == 0:
+                raise DataError(f"shards {', '.join(mine)} hold no samples")
+
+    def _batches(self, epoch: int, start: int, v: int, workers: int):
+        B = self.batch_size
+        count, first = _owned(v, self.num_batches, workers), _owned(v, start, workers)
+        slot = self.rank * workers + v
+        stream = _shuffled(self._slot_samples(epoch, slot, self.world_size * workers),
+                           self.shuffle_buffer, _rng("buffer", self.seed, epoch, slot))
+        stream = islice(stream, count * B)
+        for m in range(count):
+            raw = list(islice(stream, B))
+            if m < first:
+                continue  # resume: read past, never decode
+            with _seeded(_rng("augment", self.seed, epoch, slot, m).getrandbits(63)):
+                images, labels, bad = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
+            if images is None:
+                raise DataError(f"every sample of a batch is corrupt (shard {raw[-1]['__url__']})")
+            if bad:  # refill from the good samples of this batch: batch stays full, resume stays exact
+                index = torch.arange(B) % len(labels)
+                images, labels = images[index], labels[index]
+            yield images, labels
+
+
+class TrainLoader:
+    """``len(self)`` full batches per epoch on every rank; see the module docstring for the guarantees."""
+
+    def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
+                 seed: int, transform, max_bad_fraction: float, shuffle_buffer: int = SHUFFLE_BUFFER):
+        self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle_buffer = shuffle_buffer
+        self.num_batches = self.num_samples // (batch_size * world_size)
+        _check_train_plan(shards, batch_size, world_size, max(1, num_workers))
+        self._state = multiprocessing.Array("q", 2, lock=False)  # (epoch, start_batch), read by the workers
+        self._counter = BadSampleCounter(max_bad_fraction)
+        self._epoch, self._start = 0, 0
+        self._loader = DataLoader(_TrainStream(shards, self, transform), batch_size=None,
+                                  num_workers=num_workers, persistent_workers=num_workers > 0,
+                                  pin_memory=torch.cuda.is_available())
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def bad_samples(self) -> int:
+        """Corrupt samples skipped so far, over all workers of this rank."""
+        return self._counter.bad
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
+        self._epoch, self._start = epoch, start_batch
+
+    def __iter__(self):
+        epoch, start = self._epoch, self._start
+        self._epoch, self._start = epoch + 1, 0  # without a set_epoch call, the next iteration is the next epoch
+        self._state[0], self._state[1] = epoch, start
+        n = 0
+        try:
+            for batch in self._loader:
+                n += 1
+                yield batch
+        except DataError as e:
+            raise DataError(_one_line(e)) from None
+        if n != self.num_batches - start:  # cannot happen by construction; a hang in DDP would be worse
+            raise DataError(f"rank {self.rank} produced {n} batches instead of {self.num_batches - start}")
+
+
+def _check_train_plan(shards: ShardSet, batch_size: int, world_size: int, workers: int) -> None:
+    slots = world_size * workers
+    if shards.num_samples < batch_size * world_size:
+        raise DataError(f"{shards.split}: {shards.num_samples} samples are fewer than one global batch "
+                        f"({batch_size} x {world_size} ranks)")
+    if len(shards.urls) < slots:
+        raise DataError(f"{shards.split}: {len(shards.urls)} shards cannot feed {world_size} ranks x {workers} "
+                        f"workers: at least {slots} shards are needed (rewrite with --shard-size "
+                        f"{max(1, shards.num_samples // slots)} or less, or use fewer workers)")
+    need = math.ceil(shards.num_samples // (batch_size * world_size) / workers) * batch_size
+    least = sum(sorted(shards.lengths)[: len(shards.urls) // slots])
+    if need > least:
+        log.info("%s: a reader slot may hold %d samples but need %d: up to %d samples repeat per epoch "
+                 "in such slots (use a multiple of %d equal shards to avoid it)",
+                 shards.split, least, need, need - least, slots)
+
+
+# ---------------------------------------------------------------- validation
+
+class _ValStream(IterableDataset):
+    """The samples of this rank's shards, once: shard s belongs to slot s % (world_size * workers)."""
+
+    def __init__(self, shards: ShardSet, loader: "ValLoader", transform):
+        self.shards, self.transform, self.counter = shards, transform, loader._counter
+        self.rank, self.world_size, self.batch_size = loader.rank, loader.world_size, loader.batch_size
+
+    def __iter__(self):
+        worker, workers = _worker()
+        slots = self.world_size * workers
+        mine = self.shards.urls[self.rank * workers + worker::slots]
+        samples = (s for url in mine for s in read_shard(url))
+        while raw := list(islice(samples, self.batch_size)):
+            images, labels, _ = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
+            if images is not None:
+                yield images, labels
+
+
+class ValLoader:
+    """Every validation sample exactly once over all ranks and workers; finite; last batches may be short."""
+
+    def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
+                 transform, max_bad_fraction: float = 0.001):
+        self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        workers, slots = max(1, num_workers), world_size * max(1, num_workers)
+        self._len = sum(math.ceil(sum(shards.lengths[rank * workers + w::slots]) / batch_size)
+                        for w in range(workers))
+        self._counter = BadSampleCounter(max_bad_fraction)
+        self._loader = DataLoader(_ValStream(shards, self, transform), batch_size=None, num_workers=num_workers,
+                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def __len__(self) -> int:
+        """Batches this rank yields (exact unless every sample of a batch is corrupt)."""
+        return self._len
+
+    @property
+    def bad_samples(self) -> int:
+        return self._counter.bad
+
+    def __iter__(self):
+        try:
+            yield from self._loader
+        except DataError as e:
+            raise DataError(_one_line(e)) from None
+
+
+# ---------------------------------------------------------------- the API the trainer uses
+
+def build_train_loader(source, *, split: str = "train", batch_size: int, num_workers: int, rank: int = 0,
+                       world_size: int = 1, seed: int = 0, image_size: int = 224,
+                       augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
+                       info: str | None = None, shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainLoader:
+    """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources)."""
+    _check_rank(rank, world_size)
+    shards = resolve_shards(source, split, info)
+    return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                       seed=seed, transform=train_transform(image_size, augment),
+                       max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer)
+
+
+def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
+                     world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
+                     info: str | None = None) -> ValLoader:
+    """Validation loader over ``source``: resize to image_size / crop_pct, centre crop image_size."""
+    _check_rank(rank, world_size)
+    shards = resolve_shards(source, split, info)
+    return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                     transform=val_transform(image_size, crop_pct))
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
