@@ -7,15 +7,17 @@ the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in; 
 Training (``build_train_loader``)
     Every rank yields exactly ``len(loader) = num_samples // (batch_size * world_size)`` full batches
     per epoch, so no rank ever waits on another. Each epoch the shard list is shuffled from
-    (seed, epoch) and dealt round-robin to ``world_size * max(1, num_workers)`` reader slots; a slot
-    streams its shards through a shuffle buffer of undecoded samples and cuts them into batches. The
-    DataLoader takes batch ``i`` of a rank from worker ``i % num_workers``, so slot ``v`` owns the
-    rank's batches ``v, v + W, v + 2W, ...`` and the batches are a function of (seed, epoch, rank,
-    world size, worker count) only. A slot whose shards hold fewer samples than its batches need
-    reads its shards again (at most a shard's worth of repeats, only when the shards do not divide
-    evenly); fewer shards than slots is a DataError at construction that says how many are needed.
-    Random augmentation is seeded per batch, which makes ``set_epoch(e, start_batch=k)`` exact: the
-    skipped batches are read but not decoded.
+    (seed, epoch) and read end to end as one sequence of samples; it is cut, by the per-shard counts
+    in ``_info.json``, into one run per reader slot (``world_size * max(1, num_workers)`` slots),
+    each exactly as long as the slot's batches need. So any number of shards works with any number
+    of ranks and workers, no sample is used twice in an epoch, and fewer than one global batch is
+    dropped (different samples each epoch). We do not use wds.split_by_node/split_by_worker: they
+    deal whole shards, which cannot give equal step counts without resampling or padding.
+    A slot streams its run through a shuffle buffer of undecoded samples and cuts it into batches.
+    The DataLoader takes batch ``i`` of a rank from worker ``i % num_workers``, so slot ``v`` owns the
+    rank's batches ``v, v + W, v + 2W, ...``: the batches are a function of (seed, epoch, rank,
+    world size, worker count) only. Random augmentation is seeded per batch, which makes
+    ``set_epoch(e, start_batch=k)`` exact; the skipped batches are read but not decoded.
 
 Validation (``build_val_loader``)
     Shard ``s`` goes to slot ``s % (world_size * W)``: every sample is read by exactly one rank and
@@ -115,19 +117,22 @@ class BadSampleCounter:
     def seen(self) -> int:
         return self._counts[1]
 
-    def add(self, bad: int, seen: int, url: str) -> None:
+    def add(self, bad: int, seen: int, bad_url: str | None) -> None:
+        """Count a decoded batch; raise once the bad fraction is over the limit (after enough samples)."""
+        self.last_bad_url = bad_url or getattr(self, "last_bad_url", None)  # per process
         with self._counts.get_lock():
             self._counts[0] += bad
             self._counts[1] += seen
             total_bad, total_seen = self._counts[0], self._counts[1]
         if total_seen >= MIN_SAMPLES_FOR_BAD_RATE and total_bad > self.max_bad_fraction * total_seen:
+            where = f"the latest in shard {self.last_bad_url}" if self.last_bad_url else "see the warnings"
             raise DataError(f"too many corrupt samples: {total_bad} of {total_seen} "
-                            f"(more than {self.max_bad_fraction:.3%}), the latest in shard {url}")
+                            f"(more than {self.max_bad_fraction:.3%}), {where}")
 
 
 def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampleCounter):
     """Decode and transform ``raw`` samples; returns (images, labels, number of bad samples skipped)."""
-    images, labels = [], []
+    images, labels, bad_url = [], [], None
     for s in raw:
         try:
             label = int(s[LABEL_KEY])
@@ -140,8 +145,9 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
             name = s.get(NAME_KEY, b"?").decode("utf-8", "replace")
             log.warning("skipping corrupt sample %s (%s) in shard %s: %s: %s",
                         s.get("__key__"), name, s.get("__url__"), type(e).__name__, e)
+            bad_url = s.get("__url__")
     bad = len(raw) - len(images)
-    counter.add(bad, len(raw), raw[-1].get("__url__", "?") if raw else "?")
+    counter.add(bad, len(raw), bad_url)
     if not images:
         return None, None, bad
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), bad
@@ -188,26 +194,43 @@ class _TrainStream(IterableDataset):
         # that is epoch batch start + j, owned by slot (worker + start) % workers.
         return self._batches(epoch, start, (worker + start) % workers, workers)
 
-    def _slot_samples(self, epoch: int, slot: int, slots: int):
+    def _slot_range(self, v: int, workers: int) -> tuple[int, int]:
+        """Positions [lo, hi) of slot (rank, v) in the epoch's sequence of samples: consecutive slots
+        get consecutive runs, each exactly as long as that slot's batches need."""
+        B, L = self.batch_size, self.num_batches
+        lo = self.rank * L * B + B * sum(_owned(u, L, workers) for u in range(v))
+        return lo, lo + B * _owned(v, L, workers)
+
+    def _slot_samples(self, epoch: int, lo: int, hi: int):
+        """Samples lo..hi-1 of the epoch's sequence: all shards, shuffled from (seed, epoch), end to end.
+
+        Cutting the sequence by sample counts from the manifest, not by whole shards, is what lets any
+        number of shards feed any ranks x workers with equal steps and no sample twice in an epoch; the
+        price is that a shard on a boundary is read (not decoded) by both neighbouring slots.
+        """
         order = list(range(len(self.shards.urls)))
-        _rng("shards", self.seed, epoch).shuffle(order)  # same order on every rank and worker
-        mine = [self.shards.urls[i] for i in order[slot::slots]]
-        while True:  # wrap around when this slot's shards hold fewer samples than its batches need
-            n = 0
-            for url in mine:
-                for sample in read_shard(url):
-                    n += 1
+        _rng("shards", self.seed, epoch).shuffle(order)  # the same order on every rank and worker
+        pos = 0
+        for i in order:
+            url, n = self.shards.urls[i], self.shards.lengths[i]
+            if pos + n > lo:
+                skip, take = max(0, lo - pos), min(n, hi - pos) - max(0, lo - pos)
+                got = 0
+                for sample in islice(read_shard(url), skip, skip + take):
+                    got += 1
                     yield sample
-            if n == 0:
-                raise DataError(f"shards {', '.join(mine)} hold no samples")
+                if got < take:
+                    raise DataError(f"shard {url} holds fewer samples than the {n} its manifest lists")
+            pos += n
+            if pos >= hi:
+                return
 
     def _batches(self, epoch: int, start: int, v: int, workers: int):
         B = self.batch_size
         count, first = _owned(v, self.num_batches, workers), _owned(v, start, workers)
         slot = self.rank * workers + v
-        stream = _shuffled(self._slot_samples(epoch, slot, self.world_size * workers),
+        stream = _shuffled(self._slot_samples(epoch, *self._slot_range(v, workers)),
                            self.shuffle_buffer, _rng("buffer", self.seed, epoch, slot))
-        stream = islice(stream, count * B)
         for m in range(count):
             raw = list(islice(stream, B))
             if m < first:
@@ -269,20 +292,13 @@ class TrainLoader:
 
 
 def _check_train_plan(shards: ShardSet, batch_size: int, world_size: int, workers: int) -> None:
-    slots = world_size * workers
     if shards.num_samples < batch_size * world_size:
         raise DataError(f"{shards.split}: {shards.num_samples} samples are fewer than one global batch "
                         f"({batch_size} x {world_size} ranks)")
-    if len(shards.urls) < slots:
-        raise DataError(f"{shards.split}: {len(shards.urls)} shards cannot feed {world_size} ranks x {workers} "
-                        f"workers: at least {slots} shards are needed (rewrite with --shard-size "
-                        f"{max(1, shards.num_samples // slots)} or less, or use fewer workers)")
-    need = math.ceil(shards.num_samples // (batch_size * world_size) / workers) * batch_size
-    least = sum(sorted(shards.lengths)[: len(shards.urls) // slots])
-    if need > least:
-        log.info("%s: a reader slot may hold %d samples but need %d: up to %d samples repeat per epoch "
-                 "in such slots (use a multiple of %d equal shards to avoid it)",
-                 shards.split, least, need, need - least, slots)
+    if len(shards.urls) < world_size * workers:
+        log.warning("%s: %d shards for %d ranks x %d workers: workers share shards and read past each "
+                    "other's samples; more shards (a smaller --shard-size) read less", shards.split,
+                    len(shards.urls), world_size, workers)
 
 
 # ---------------------------------------------------------------- validation
