@@ -6,7 +6,8 @@
 #   tests/slurm_cluster.sh down DIR   cancel the jobs, stop the daemons this script started
 #
 # Needs root (the daemons and the jobs run as root). Ports come from SLURMCTLD_PORT / SLURMD_PORT
-# (default 6817 / 6818) so that two clusters can live side by side. Every wait is bounded.
+# (default 6817 / 6818) and job ids start at FIRST_JOB_ID (default 1), so that two clusters can live
+# side by side. Every wait is bounded.
 # Facts behind the choices: ../shared/notes/slurm-local-cluster.md (Debian 12, Slurm 22.05).
 set -euo pipefail
 
@@ -52,6 +53,7 @@ write_config() {
     mkdir -p "$dir/state" "$dir/spool" "$dir/log"
     cat >"$dir/slurm.conf" <<EOF
 ClusterName=testcluster
+FirstJobId=${FIRST_JOB_ID:-1}
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port

@@ -27,8 +27,8 @@ main_addr=${MAIN_ADDR:?export MAIN_ADDR (the first host of the job) before srun}
 main_port=${MAIN_PORT:?export MAIN_PORT before srun}
 
 if [[ -z ${ACCELERATE_CONFIG:-} ]]; then
-    if ((num_processes == 1)); then ACCELERATE_CONFIG=$repo/launch/accelerate/one_gpu.yaml
-    elif ((nnodes == 1)); then ACCELERATE_CONFIG=$repo/launch/accelerate/one_node.yaml
+    if ((num_processes == 1)); then ACCELERATE_CONFIG=$repo/launch/accelerate/1gpu.yaml
+    elif ((nnodes == 1)); then ACCELERATE_CONFIG=$repo/launch/accelerate/1node_8gpu.yaml
     else ACCELERATE_CONFIG=$repo/launch/accelerate/multi_node.yaml
     fi
 fi
