@@ -150,7 +150,17 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
     counter.add(bad, len(raw), bad_url)
     if not images:
         return None, None, bad
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), bad
+    return _stack(images), torch.tensor(labels, dtype=torch.int64), bad
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    if get_worker_info() is None:
+        return torch.stack(images)
+    # As torch's default_collate does in workers: build the batch in shared memory, which saves
+    # the copy into shared memory when the batch is sent to the main process.
+    storage = images[0].untyped_storage()._new_shared(len(images) * images[0].nbytes)
+    out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(len(images), *images[0].shape)
+    return torch.stack(images, out=out)
 
 
 def _worker() -> tuple[int, int]:

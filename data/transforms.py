@@ -66,7 +66,8 @@ class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
             region = img.crop(tuple(round(v) for v in box))
             x = torch.frombuffer(bytearray(region.tobytes()), dtype=torch.uint8)
             x = x.view(region.height, region.width, 3).permute(2, 0, 1)  # channels-last view: torch's fast path
-            return F2.resize(x, [out_h, out_w], interpolation=interpolation, antialias=True).contiguous()
+            # left channels-last: stacking the batch copies it into CHW order anyway
+            return F2.resize(x, [out_h, out_w], interpolation=interpolation, antialias=True)
         # One resample from the drafted image straight to the output size: crop and resize in one pass.
         return img.resize((out_w, out_h), F.pil_modes_mapping[interpolation], box=box)
 
