@@ -275,7 +275,9 @@ def test_multi_node_launch_forms_one_group_from_each_nodes_own_variables(digits,
     for node in (0, 1):
         env = clean_env(SLURM_NNODES="2", SLURM_NODEID=str(node), SLURM_GPUS_ON_NODE="1",
                         SLURM_JOB_NODELIST="node[0-1]", MAIN_ADDR="127.0.0.1", MAIN_PORT=port,
-                        ACCELERATE_CONFIG=CPU_CONFIG)
+                        ACCELERATE_CONFIG=CPU_CONFIG,
+                        # The two "nodes" share this machine's cores: one thread each, not all of them.
+                        OMP_NUM_THREADS="1")
         log = open(tmp_path / f"node{node}.log", "w")
         nodes.append((subprocess.Popen(["bash", str(NODE_SCRIPT), *train_args(digits),
                                         "--output-dir", str(tmp_path / "run")],
