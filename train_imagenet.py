@@ -247,6 +247,9 @@ class SyntheticLoader:
 def build_loaders(args, accelerator):
     if args.synthetic:
         return SyntheticLoader(args, accelerator.device), None
+    local = not re.search(r"[{:]", args.data_dir)  # not a brace pattern or a URL
+    if local and not Path(args.data_dir).is_dir():
+        sys.exit(f"error: --data-dir {args.data_dir}: no such directory (expected the output of make-shards)")
     rank, world = accelerator.process_index, accelerator.num_processes
     augment = TrainAugment(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                            color_jitter=args.color_jitter, auto_augment=args.auto_augment,
@@ -538,6 +541,21 @@ def try_load(accelerator, ckpt: Path, ema) -> str | None:
     return None
 
 
+def check_replicas(accelerator, model) -> None:
+    """Every rank prints a fingerprint of its weights; the main process says whether they all agree.
+
+    DDP keeps replicas identical by construction; this makes it visible, so a user can trust it.
+    """
+    params = accelerator.unwrap_model(model).parameters()
+    local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(params)).reshape(1)
+    print(f"rank {accelerator.process_index} weights checksum {local.item():.12e}", flush=True)
+    every = accelerator.gather(local.to(accelerator.device)).cpu()
+    if accelerator.num_processes > 1:
+        same = bool((every == every[0]).all())
+        accelerator.print("weights identical on all ranks" if same else
+                          f"warning: weights differ between ranks: {every.tolist()}")
+
+
 def export_model(accelerator, model, out: Path) -> None:
     """A plain state_dict (no `module.` / `_orig_mod.` prefixes) that torchvision's resnet loads strictly."""
     if not accelerator.is_main_process:
@@ -824,6 +842,7 @@ def finish(t: Trainer, reason: str | None) -> int:
         final = p.last_eval if p.last_eval_step == p.global_step else run_evaluation(t)
         a.print(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
                 f"step={p.global_step}")
+    check_replicas(a, t.model)
     export_model(a, t.model, t.out)
     if t.ema is not None and a.is_main_process:
         torch.save(t.ema.module.state_dict(), t.out / "model_ema.pt")

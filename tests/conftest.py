@@ -1,0 +1,54 @@
+"""Fixtures shared by the test modules: real small data made by our own writer, and a way to run commands."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 digits as 32x32 JPEG shards (1,437 train / 360 val), written by our writer."""
+    from data.digits import make_demo_data
+
+    out = tmp_path_factory.mktemp("digits")
+    make_demo_data(out)
+    return out / "shards"
+
+
+def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
+    """Run a command from the repository root; on failure the assertion shows its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def trainer(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train_imagenet.py"), *map(str, args)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(num_processes: int, *args: str) -> list[str]:
+    """CPU processes through accelerate's multi-process launcher (its --cpu flag would need mpirun)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes)]
+    else:
+        launcher += ["--cpu", "--num_processes", "1"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
+    return [*launcher, str(ROOT / "train_imagenet.py"), *map(str, args)]

@@ -1,0 +1,228 @@
+"""The trainer: configuration, optimizer and schedule in-process; end-to-end runs of the real command."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+import train_imagenet as T
+from conftest import ROOT, accelerate_launch, run, trainer
+from resnet import build_model
+
+TINY = ["--arch", "resnet20", "--image-size", "32", "--crop-pct", "1.0", "--hflip", "0", "--scale", "0.6", "1.0",
+        "--lr", "0.4", "--weight-decay", "5e-4", "--channels-last", "--no-progress"]
+
+
+def args_for(*argv: str):
+    return T.parse_config(["--data-dir", "unused", *argv])
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+
+
+def test_lr_schedule_shapes():
+    spe = 10
+    cos = args_for("--epochs", "10", "--warmup-epochs", "1", "--schedule", "cosine")
+    f = [T.lr_factor(s, args=cos, steps_per_epoch=spe) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over one epoch
+    assert f[10] == pytest.approx(1.0) and f[99] < 0.001  # cosine from the peak down to ~0
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    step = args_for("--epochs", "90", "--schedule", "step", "--step-size", "30")
+    assert [T.lr_factor(e * spe, args=step, steps_per_epoch=spe) for e in (0, 29, 30, 60)] == pytest.approx(
+        [1, 1, 0.1, 0.01])
+    multi = args_for("--epochs", "90", "--schedule", "multistep", "--milestones", "30", "80")
+    assert [T.lr_factor(e * spe, args=multi, steps_per_epoch=spe) for e in (29, 30, 79, 80)] == pytest.approx(
+        [1, 0.1, 0.1, 0.01])
+    lin = args_for("--epochs", "4", "--warmup-epochs", "2", "--schedule", "linear")
+    assert T.lr_factor(20, args=lin, steps_per_epoch=spe) == pytest.approx(1.0)
+    assert T.lr_factor(30, args=lin, steps_per_epoch=spe) == pytest.approx(0.5)
+
+
+def test_weight_decay_by_shape_and_lr_scaled_by_global_batch():
+    args = args_for("--batch-size", "64", "--lr", "0.1", "--grad-accum", "2")
+    model = build_model("resnet18", num_classes=10)
+    opt = T.build_optimizer(args, model, world_size=4)
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    named = dict(model.named_parameters())
+    # the trap of name-based rules: downsample.1 is a BatchNorm whose name has no "bn"
+    assert id(named["layer2.0.downsample.1.weight"]) in no_decay
+    assert id(named["fc.bias"]) in no_decay and id(named["bn1.weight"]) in no_decay
+    assert id(named["conv1.weight"]) in decay and id(named["fc.weight"]) in decay
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 64 * 4 * 2 / 256)
+
+
+def test_recipe_keys_are_checked(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: resnet18\nlerning-rate: 0.1\n")
+    with pytest.raises(SystemExit, match=r"unknown key 'lerning-rate'; valid keys: .*\blr\b"):
+        T.parse_config(["--config", str(bad), "--data-dir", "x"])
+    bad.write_text("schedule: cosinus\n")
+    with pytest.raises(SystemExit, match=r"'cosinus' is not one of cosine, linear"):
+        T.parse_config(["--config", str(bad), "--data-dir", "x"])
+
+
+def test_flags_override_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: resnet18\nepochs: 7\nmilestones: [2, 4]\nchannels-last: false\n")
+    args = T.parse_config(["--config", str(recipe), "--data-dir", "x", "--epochs", "3"])
+    assert (args.arch, args.epochs, args.milestones, args.channels_last) == ("resnet18", 3, [2, 4], False)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "launch/configs").glob("*.yaml")))
+def test_every_shipped_recipe_parses(recipe):
+    args = T.parse_config(["--config", str(ROOT / "launch/configs" / recipe), "--data-dir", "x"])
+    assert args.arch and args.epochs > 0
+    header = (ROOT / "launch/configs" / recipe).read_text().splitlines()[:6]
+    assert any("%" in line for line in header), "a recipe's header states the accuracy its source reports"
+
+
+def test_mixup_needs_even_batch():
+    with pytest.raises(SystemExit):
+        T.parse_config(["--data-dir", "x", "--mixup", "0.2", "--batch-size", "33"])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def test_typo_in_arch_is_one_clear_line():
+    proc = run(trainer("--synthetic", "--arch", "resnet5O"), check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "invalid choice: 'resnet5O'" in proc.stderr and "resnet50" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fp16_on_cpu_is_refused_clearly(tmp_path):
+    proc = run(trainer("--synthetic", *TINY, "--precision", "fp16", "--output-dir", tmp_path), check=False,
+               timeout=120)
+    assert proc.returncode != 0 and "fp16 needs a GPU" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_dir_is_named_before_training(tmp_path):
+    proc = run(trainer("--data-dir", tmp_path / "nowhere", *TINY, "--output-dir", tmp_path / "run"), check=False,
+               timeout=120)
+    assert proc.returncode != 0 and str(tmp_path / "nowhere") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_exported_model_loads_into_torchvision(tmp_path):
+    out = tmp_path / "run"
+    run(trainer("--synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--synthetic-steps",
+                "2", "--epochs", "1", "--num-classes", "10", "--no-progress", "--output-dir", out), timeout=180)
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.load_state_dict(state, strict=True)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    info = json.loads((out / "run_info.json").read_text())
+    assert config["arch"] == "resnet18" and info["world_size"] == 1 and "torch" in info["versions"]
+
+
+@pytest.mark.slow
+def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = trainer("--synthetic", *TINY, "--batch-size", "8", "--synthetic-steps", "100000", "--epochs", "1",
+                  "--num-classes", "10", "--log-every", "5", "--output-dir", out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    lines = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:  # wait until training is under way, then ask it to stop
+        lines.append(line)
+        if line.startswith("step 5 "):
+            proc.send_signal(signal.SIGUSR1)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=240)
+    output = "".join(lines) + rest
+    assert proc.returncode == T.EXIT_REQUEUE, output
+    stopped = int(re.search(r"stopped by signal at step (\d+)", output).group(1))
+    assert stopped % T.STOP_CHECK_EVERY == 0 and stopped >= 10
+    assert (out / "checkpoints" / f"step-{stopped:08d}" / "model.safetensors").exists()
+    assert not (out / "model.pt").exists(), "an interrupted run has not finished"
+    resumed = run(cmd[:-2] + ["--output-dir", str(out), "--resume", "auto", "--max-steps", str(stopped + 5)])
+    assert f"resumed from {out / 'checkpoints' / f'step-{stopped:08d}'} at step {stopped}" in resumed.stdout
+    assert (out / "checkpoints" / f"step-{stopped + 5:08d}").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, digits_shards):
+    """Stop mid-epoch, lose the newest checkpoint (as a kill would), resume: same weights, no repeated steps."""
+    common = ["--data-dir", digits_shards, *TINY, "--batch-size", "64", "--workers", "1", "--epochs", "2",
+              "--log-every", "3", "--seed", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(trainer(*common, "--output-dir", straight))
+    run(trainer(*common, "--output-dir", resumed, "--checkpoint-every", "6", "--max-steps", "15"))
+    ckpts = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert ckpts == ["step-00000006", "step-00000012", "step-00000015"]
+    shutil.rmtree(resumed / "checkpoints" / "step-00000015")  # as if killed after logging past step 12
+    out = run(trainer(*common, "--output-dir", resumed, "--resume", "auto")).stdout
+    assert "at step 12 (epoch 0, batch 12)" in out
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(resumed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = event_steps(resumed / "tensorboard", "train/loss")
+    assert steps == sorted(set(steps)) and steps[:6] == [3, 6, 9, 12, 15, 18]
+    jsonl = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl == sorted(jsonl)
+
+
+def event_steps(logdir: Path, tag: str) -> list[int]:
+    """The steps of a scalar as TensorBoard shows them (reading the directory applies purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_evaluate_exactly_and_resume(tmp_path, digits_shards):
+    out = tmp_path / "run"
+    common = ["--data-dir", digits_shards, *TINY, "--batch-size", "32", "--workers", "1", "--log-every", "5",
+              "--output-dir", out]
+    first = run(accelerate_launch(2, *common, "--epochs", "1"), timeout=420).stdout
+    assert "rank 0/2" in first and "rank 1/2" in first and "backend gloo" in first
+    sums = re.findall(r"rank (\d) weights checksum (\S+)", first)
+    assert len(sums) == 2 and sums[0][1] == sums[1][1], first
+    assert "weights identical on all ranks" in first
+    # 1,437 training images / (32 x 2) = 22 steps; every one of the 360 validation images counted once
+    assert re.search(r"final top1=\d+\.\d+ top5=\d+\.\d+ images=360 step=22", first), first
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    assert (out / "checkpoints" / "step-00000022").is_dir() and (out / "model.pt").exists()
+    tags = tensorboard_tags(out / "tensorboard")
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "val/top1",
+            "val/top5"} <= set(tags["scalars"])
+    assert "train/augmented_batch" in tags["images"]
+
+    second = run(accelerate_launch(2, *common, "--epochs", "2", "--resume", "auto"), timeout=420).stdout
+    assert "at step 22 (epoch 1, batch 0)" in second
+    final = re.search(r"final top1=(\d+\.\d+) top5=\S+ images=360 step=44", second)
+    assert final, second
+    assert float(final.group(1)) > 50, "two epochs on the digits are far above chance (10 %)"
+
+    evaluated = run(trainer("--data-dir", digits_shards, *TINY, "--batch-size", "100", "--workers", "0",
+                            "--evaluate", out / "model.pt")).stdout
+    assert f"final top1={final.group(1)} " in evaluated and "images=360" in evaluated
+
+
+def tensorboard_tags(logdir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 1})
+    acc.Reload()
+    return acc.Tags()
