@@ -541,13 +541,27 @@ def try_load(accelerator, ckpt: Path, ema) -> str | None:
     return None
 
 
+def sync_buffers(accelerator, module: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics.
+
+    DDP broadcasts buffers before each forward, but the last training forward then updates each rank's
+    running statistics with its own batch, so the replicas' BN buffers differ slightly. Evaluating or
+    exporting without this would mix models: each rank would score its share of the validation set
+    with different statistics from the model that is saved.
+    """
+    if accelerator.num_processes > 1:
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
+
+
 def check_replicas(accelerator, model) -> None:
     """Every rank prints a fingerprint of its weights; the main process says whether they all agree.
 
     DDP keeps replicas identical by construction; this makes it visible, so a user can trust it.
     """
-    params = accelerator.unwrap_model(model).parameters()
-    local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(params)).reshape(1)
+    net = accelerator.unwrap_model(model)
+    tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
+    local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(tensors)).reshape(1)
     print(f"rank {accelerator.process_index} weights checksum {local.item():.12e}", flush=True)
     every = accelerator.gather(local.to(accelerator.device)).cpu()
     if accelerator.num_processes > 1:
@@ -601,6 +615,7 @@ def evaluate(model, loader, prep: DeviceBatch, accelerator) -> dict:
     locally and reduced once at the end (a per-batch collective would hang on uneven ranks).
     """
     net = accelerator.unwrap_model(model)  # no DDP: its forward could sync buffers
+    sync_buffers(accelerator, net)
     was_training = net.training
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # top1, top5, images
@@ -842,6 +857,7 @@ def finish(t: Trainer, reason: str | None) -> int:
         final = p.last_eval if p.last_eval_step == p.global_step else run_evaluation(t)
         a.print(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
                 f"step={p.global_step}")
+    sync_buffers(a, a.unwrap_model(t.model))
     check_replicas(a, t.model)
     export_model(a, t.model, t.out)
     if t.ema is not None and a.is_main_process:
