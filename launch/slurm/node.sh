@@ -68,4 +68,7 @@ while :; do
     wait "$launcher" || status=$?
     ((interrupted)) || break
 done
+# After a stop request the launcher reports the trainer's code 75 as a failure (status 1); a status
+# above 128 would mean a signal killed the launcher itself and orphaned its workers.
+echo "node $node_rank: accelerate launch exited with status $status"
 exit "$status"
