@@ -34,7 +34,6 @@ batch in which every sample is bad.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import multiprocessing
@@ -103,11 +102,13 @@ def _seeded(seed: int):
 
 
 class BadSampleCounter:
-    """(bad, seen) counts in shared memory: summed over worker processes, readable in the main one."""
+    """(bad, seen) counts and the latest bad sample's shard in shared memory: summed over worker
+    processes, readable in the main one, so any worker can name the shard when it stops the run."""
 
     def __init__(self, max_bad_fraction: float):
         self.max_bad_fraction = max_bad_fraction
         self._counts = multiprocessing.Array("q", 2)
+        self._last_url = multiprocessing.Array("c", 1024, lock=False)  # guarded by _counts' lock
 
     @property
     def bad(self) -> int:
@@ -119,15 +120,15 @@ class BadSampleCounter:
 
     def add(self, bad: int, seen: int, bad_url: str | None) -> None:
         """Count a decoded batch; raise once the bad fraction is over the limit (after enough samples)."""
-        self.last_bad_url = bad_url or getattr(self, "last_bad_url", None)  # per process
         with self._counts.get_lock():
             self._counts[0] += bad
             self._counts[1] += seen
-            total_bad, total_seen = self._counts[0], self._counts[1]
+            if bad_url:
+                self._last_url.value = bad_url.encode()[:1023]
+            total_bad, total_seen, url = self._counts[0], self._counts[1], self._last_url.value.decode()
         if total_seen >= MIN_SAMPLES_FOR_BAD_RATE and total_bad > self.max_bad_fraction * total_seen:
-            where = f"the latest in shard {self.last_bad_url}" if self.last_bad_url else "see the warnings"
             raise DataError(f"too many corrupt samples: {total_bad} of {total_seen} "
-                            f"(more than {self.max_bad_fraction:.3%}), {where}")
+                            f"(more than {self.max_bad_fraction:.3%}), the latest in shard {url}")
 
 
 def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampleCounter):
@@ -138,10 +139,10 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
             label = int(s[LABEL_KEY])
             if not 0 <= label < num_classes:
                 raise ValueError(f"class index {label} outside [0, {num_classes})")
-            with Image.open(io.BytesIO(s[IMAGE_KEY])) as img:
-                images.append(transform(img))
+            images.append(transform(s[IMAGE_KEY]))
             labels.append(label)
-        except (KeyError, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        # RuntimeError: torchvision's JPEG decoder; the others: PIL and a missing or bad 'cls'
+        except (KeyError, ValueError, OSError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
             name = s.get(NAME_KEY, b"?").decode("utf-8", "replace")
             log.warning("skipping corrupt sample %s (%s) in shard %s: %s: %s",
                         s.get("__key__"), name, s.get("__url__"), type(e).__name__, e)

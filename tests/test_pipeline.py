@@ -4,6 +4,7 @@ Every image is one flat colour that encodes its sample id, so the id survives JP
 resizing, and the tests can tell exactly which samples each rank and worker produced.
 """
 
+import io
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ from PIL import Image
 import data.pipeline
 from data import DataError, TrainAugment, build_train_loader, build_val_loader
 from data.shards import WriterConfig, write_dataset
+from data.transforms import jpeg_size, train_transform
 
 NUM_CLASSES = 3
 TRAIN_IDS = range(0, 60)  # 12 shards of 5
@@ -233,3 +235,38 @@ def test_fewer_shards_than_ranks_times_workers_still_gives_equal_steps_without_r
 def test_fewer_samples_than_one_global_batch_is_refused(shards):
     with pytest.raises(DataError, match="fewer than one global batch"):
         _train(shards, batch_size=32, world_size=2)
+
+
+def _encoded(img: Image.Image, fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg_header_size_matches_pil():
+    img = Image.new("RGB", (37, 23), (1, 2, 3))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 3000  # a large APP1 segment before the frame header
+    for data in (_encoded(img), _encoded(img, progressive=True), _encoded(img, exif=exif.tobytes()),
+                 _encoded(img.convert("L")), _encoded(img.convert("CMYK"))):
+        assert jpeg_size(data) == (37, 23)
+    assert jpeg_size(_encoded(img, "PNG")) is None
+
+
+def test_train_transform_paths_agree_and_accept_non_jpeg():
+    import random
+
+    photo = Image.radial_gradient("L").resize((300, 200)).convert("RGB")  # smooth: compares resamplers
+    data = _encoded(photo, quality=95)
+    fast, plain = train_transform(64, TrainAugment()), train_transform(64, TrainAugment())
+    assert fast.transforms[0].tensor_output
+    plain.transforms[0].tensor_output = False  # PIL decode and resize, same random crop
+    for seed in range(5):
+        random.seed(seed), torch.manual_seed(seed)
+        a = fast(data)
+        random.seed(seed), torch.manual_seed(seed)
+        b = plain(data)
+        assert a.shape == b.shape == (3, 64, 64) and a.dtype == b.dtype == torch.uint8
+        assert (a.float() - b.float()).abs().mean() < 2
+    png = train_transform(64, TrainAugment())(_encoded(photo, "PNG"))
+    assert png.shape == (3, 64, 64) and png.dtype == torch.uint8

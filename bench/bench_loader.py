@@ -1,0 +1,229 @@
+"""Data loader throughput: our shard pipeline against torchvision ImageFolder on the same JPEGs.
+
+    python -m bench.bench_loader                        # generated photos (see make_photos), all cores
+    python -m bench.bench_loader --folder /data/imagenet/train --images 2000
+
+Measured side by side in one run, in rounds interleaved with each other (so load from other
+processes hits all alike), median of the rounds after a warm-up pass. Two figures per pipeline:
+images/s on the wall clock, and images per CPU-second summed over the main process and its
+workers ("per core"; it holds up on a shared machine where the wall clock does not):
+
+  (a) decode only: PIL decodes each JPEG in full and converts to RGB, N processes (the usual limit)
+  (b) ours: shards -> train loader (RandomResizedCrop 224 + flip, uint8 batches), N workers; also
+      with timm's PIL crop in place of ours, on shards re-encoded with --max-side, and (a) for those
+  (c) torchvision ImageFolder + DataLoader, RandomResizedCrop 224, flip, ToTensor, Normalize, N workers
+
+Not a test: it prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import build_train_loader
+from data.shards import WriterConfig, write_dataset
+
+
+def make_photos(root: Path, n: int, classes: int = 10) -> None:
+    """ImageNet-like JPEGs: 500x375 crops of scikit-learn's two bundled photographs, randomly rescaled
+    by 1-1.4x and flipped, with Gaussian noise (sigma 8, like sensor noise) and saved at quality 95,
+    which gives about ImageNet's ~110 KB per file. Real photos matter: noise or flat colour decodes at
+    very different speeds."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.RandomState(0)
+    for i in range(n):
+        img = Image.fromarray(photos[i % len(photos)])
+        s = rng.uniform(1.0, 1.4)
+        img = img.resize((int(img.width * s), int(img.height * s)), Image.Resampling.BICUBIC)
+        x, y = rng.randint(0, img.width - 500), rng.randint(0, img.height - 375)
+        pixels = np.asarray(img.crop((x, y, x + 500, y + 375)), dtype=np.float32)
+        pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+        if rng.rand() < 0.5:
+            pixels = pixels[:, ::-1]
+        path = root / f"c{i % classes:02d}" / f"img_{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=95)
+
+
+def image_files(folder: Path, limit: int) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
+    return files[:: max(1, len(files) // limit)][:limit]
+
+
+def _cpu_seconds(pids) -> float:
+    """CPU time (user + system) used so far by processes ``pids``, from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _decode_chunk(blobs: list[bytes]) -> float:
+    cpu = time.process_time()
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as img:
+            img.convert("RGB")
+    return time.process_time() - cpu
+
+
+def decode_only(pool, blobs: list[bytes], workers: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of full PIL decodes to RGB in ``workers`` processes: the same
+    concurrency as the loaders, since two busy processes on SMT siblings each run slower than one."""
+    chunks = [blobs[i::workers] for i in range(workers)]
+    wall = time.perf_counter()
+    cpu = sum(pool.map(_decode_chunk, chunks))
+    return len(blobs) / (time.perf_counter() - wall), len(blobs) / cpu
+
+
+def loader_rate(loader) -> tuple[float, float]:
+    """(images/s, images per CPU-second over the main process and its workers) of one epoch.
+
+    Call once before measuring: the first pass starts the (persistent) workers.
+    """
+    dl = getattr(loader, "_loader", loader)  # ours wraps a DataLoader
+    it = getattr(dl, "_iterator", None)
+    pids = [w.pid for w in it._workers] if it is not None else []
+    wall, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
+    n = sum(len(x) for x, _ in loader)
+    return n / (time.perf_counter() - wall), n / (time.process_time() + _cpu_seconds(pids) - cpu)
+
+
+def torchvision_loader(folder: Path, batch_size: int, workers: int):
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf), batch_size=batch_size,
+                                       shuffle=True, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def _shard_jpegs(shards: Path) -> list[bytes]:
+    import tarfile
+
+    blobs = []
+    for tar_path in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return blobs
+
+
+def prepare(args, work: Path, workers: int) -> tuple[Path, list[Path]]:
+    """The image folder both pipelines read (generated, or links to a sample of --folder), and its files."""
+    folder = work / "images"
+    if not folder.exists():
+        if args.folder:
+            for f in image_files(Path(args.folder), args.images):
+                link = folder / f.parent.name / f.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(f.resolve())
+        else:
+            make_photos(folder, args.images)
+    files = image_files(folder, 10**9)
+    shard_size = max(1, len(files) // (4 * workers))
+    write_dataset(work / "shards", train_dir=folder, overwrite=True,
+                  cfg=WriterConfig(shard_size=shard_size, workers=workers))
+    write_dataset(work / "shards_small", train_dir=folder, overwrite=True,
+                  cfg=WriterConfig(shard_size=shard_size, workers=workers, max_side=args.max_side, quality=90))
+    return folder, files
+
+
+def _open_pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def _timm_crop(loader):
+    """The same loader with timm's own RandomResizedCrop: PIL decodes in full, PIL resizes."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    tf = loader._loader.dataset.transform  # bench only: reach in (before the workers start) to swap it
+    crop = tf.transforms[0]
+    tf.transforms[0:1] = [_open_pil, RandomResizedCropAndInterpolation(224, scale=crop.scale, ratio=crop.ratio)]
+    return loader
+
+
+def run(args) -> None:
+    workers = args.workers
+    torch.set_num_threads(1)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_loader_"))
+    folder, files = prepare(args, work, workers)
+    originals, smalls = [f.read_bytes() for f in files], _shard_jpegs(work / "shards_small")
+    pool = multiprocessing.Pool(workers)
+    ours = lambda shards: build_train_loader(shards, batch_size=args.batch_size, num_workers=workers,  # noqa: E731
+                                             image_size=224, shuffle_buffer=256)
+    cases = {
+        "(a) decode only, PIL, full size": lambda: decode_only(pool, originals, workers),
+        f"(a') decode only, PIL, --max-side {args.max_side}": lambda: decode_only(pool, smalls, workers),
+        "(b) ours: shards -> uint8 batch": ours(work / "shards"),
+        "(b) ours with timm's RandomResizedCrop (PIL)": _timm_crop(ours(work / "shards")),
+        f"(b) ours, shards with --max-side {args.max_side}": ours(work / "shards_small"),
+        "(c) torchvision ImageFolder + DataLoader": torchvision_loader(folder, args.batch_size, workers),
+    }
+    for case in cases.values():  # warm-up: start persistent workers, fill caches
+        case() if callable(case) else loader_rate(case)
+    rates = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, case in cases.items():
+            rates[name].append(case() if callable(case) else loader_rate(case))
+    median = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in rates.items()}
+    report(args, files, originals, smalls, median, workers)
+
+
+def report(args, files, originals, smalls, rate: dict, workers: int) -> None:
+    kb = lambda blobs: sum(map(len, blobs)) / len(blobs) / 1e3  # noqa: E731
+    sizes = {Image.open(f).size for f in files[:50]}
+    print(f"machine: {_cpu_name()}, {len(os.sched_getaffinity(0))} usable cores, load average "
+          f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}, Pillow {Image.__version__}, "
+          f"Python {platform.python_version()}")
+    print(f"command: python -m bench.bench_loader {' '.join(sys.argv[1:])}")
+    print(f"images: {len(files)} {'from ' + args.folder if args.folder else 'generated (make_photos)'}, "
+          f"{kb(originals):.0f} KB mean (e.g. {sorted(sizes)[0]}); --max-side {args.max_side}: "
+          f"{kb(smalls):.0f} KB mean; {workers} workers, batch {args.batch_size}, median of {args.rounds} rounds\n")
+    print("| pipeline | images/s (wall) | images per CPU-second (per core) |")
+    print("|---|---:|---:|")
+    for name, (wall, cpu) in rate.items():
+        print(f"| {name} | {wall:.0f} | {cpu:.0f} |")
+    a, b, c = (rate[k][1] for k in ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 batch",
+                                    "(c) torchvision ImageFolder + DataLoader"))
+    print(f"\nratios per core: (b)/(a) = {b / a:.2f} (target >= 0.8), (b)/(c) = {b / c:.2f} (target >= 1.6)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_loader", description=__doc__.split("\n\n")[0])
+    p.add_argument("--folder", help="an ImageNet-style class-folder tree to sample from instead of generated photos")
+    p.add_argument("--images", type=int, default=400, help="number of images (default 400)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="loader workers (default: cores)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-side", type=int, default=320, help="re-encoding size to compare (default 320)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", help="folder for images and shards (default: a new temporary folder)")
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
