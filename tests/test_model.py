@@ -78,6 +78,22 @@ def input_for(arch: str, cifar_stem: bool) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # batch 2: BN in train mode
 
 
+def aten_ops(model: nn.Module, x: torch.Tensor) -> list:
+    """Every aten op, with its input shapes, run by one forward + backward, in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        nn.functional.cross_entropy(model(x), torch.tensor([1, 7])).backward()
+    return [(e.name, e.input_shapes) for e in prof.events() if e.name.startswith("aten::")]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_same_aten_ops_as_torchvision(arch):
+    # Same kernels on the same shapes in the same order: then the speed is the same too, which
+    # the timing in bench/bench_model.py can only confirm within the noise of the machine.
+    x = input_for(arch, cifar_stem=True)
+    ours, theirs = aten_ops(build_model(arch), x), aten_ops(torchvision_model(arch), x)
+    assert len(ours) > 100 and ours == theirs
+
+
 @pytest.mark.parametrize("arch,cifar_stem", [(a, False) for a in ARCH_NAMES] + [("resnet18", True), ("resnet50", True)])
 def test_forward_backward(arch, cifar_stem):
     model = build_model(arch, num_classes=10, cifar_stem=cifar_stem).train()
