@@ -3,7 +3,7 @@
 The cluster needs root (its daemons and jobs run as root) and installs Debian's slurm packages when they are
 missing. With CI=true the tests must run: no root, or a cluster that will not come up, fails them; elsewhere
 they skip with the reason. Training runs on the CPU: 2 processes, ResNet-20 on the 32x32 digits, a few dozen
-steps. Every wait is bounded, and the whole file takes about three minutes on 2 cores.
+steps. Every wait is bounded, and the whole file takes two to four minutes on 2 cores.
 
     pytest -m slurm tests/test_slurm.py
 """
@@ -41,10 +41,10 @@ SIGNAL_AFTER = "step 10 "
 RANK_LINE = r"rank (\d+)/(\d+) local_rank (\d+) host \S+ device cpu\S* backend gloo"
 
 
-def train_args(data_dir: Path) -> list[str]:
+def train_args(data_dir: Path, max_steps: int = MAX_STEPS) -> list[str]:
     """A short real training that a CPU does in seconds: CIFAR-style ResNet-20, 32x32 digits."""
     return ["--data-dir", str(data_dir), "--arch", "resnet20", "--image-size", "32", "--crop-pct", "1.0",
-            "--batch-size", "32", "--workers", "0", "--max-steps", str(MAX_STEPS), "--log-every", "10",
+            "--batch-size", "32", "--workers", "0", "--max-steps", str(max_steps), "--log-every", "10",
             "--no-progress"]
 
 
@@ -303,3 +303,34 @@ def test_multi_node_launch_forms_one_group_from_each_nodes_own_variables(digits,
         ranks = re.findall(RANK_LINE, log)
         assert ranks == [(str(node), "2", "0")], log[-4000:]
     assert final_step(logs[0]) == MAX_STEPS
+
+
+SRUN_PYTHON_JOB = """#!/usr/bin/env bash
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+set -euo pipefail
+cd "$SLURM_SUBMIT_DIR"
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" python train_imagenet.py "$@"
+"""
+
+
+@pytest.mark.timeout(200)
+def test_srun_python_one_task_per_process(cluster, digits, tmp_path):
+    """launch/README.md's alternative: no launcher, the trainer takes its rank from SLURM_PROCID."""
+    script = tmp_path / "srun_python.sbatch"
+    script.write_text(SRUN_PYTHON_JOB)
+    args = [*train_args(digits, max_steps=10), "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(["sbatch", "--parsable", "--job-name=test-slurm", f"--output={tmp_path}/%x-%j.out",
+                             "--time=10", str(script), *args],
+                            cwd=REPO, env=cluster, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    info = wait_job(cluster, job, tmp_path, timeout=150)
+    log = read_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
+    assert sorted(re.findall(RANK_LINE, log)) == [("0", "2", "0"), ("1", "2", "1")], log[-4000:]
+    assert final_step(log) == 10
