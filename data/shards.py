@@ -199,13 +199,32 @@ def _encode_job(job: tuple[str, int | None, int]) -> tuple[bytes | None, str]:
 
 # ---------------------------------------------------------------- one split
 
+ENCODE_WINDOW = 512  # images per pool task batch: two in flight bound memory (pool.imap would not)
+
+
+def _encoded_in_order(jobs: list, pool):
+    """_encode_job results in input order. Two windows in flight keep the workers busy while the
+    writer catches up, without queueing a whole split's JPEGs in memory when the disk is slower."""
+    if pool is None:
+        yield from map(_encode_job, jobs)
+        return
+    pending = None
+    for k in range(0, len(jobs), ENCODE_WINDOW):
+        upcoming = pool.map_async(_encode_job, jobs[k:k + ENCODE_WINDOW], chunksize=8)
+        if pending is not None:
+            yield from pending.get()
+        pending = upcoming
+    if pending is not None:
+        yield from pending.get()
+
+
 def write_split(name: str, root: Path, items: list[tuple[str, int]], out: Path,
                 cfg: WriterConfig, pool) -> SplitResult:
     """Encode ``items`` (relative path, label; label -1 = unlabelled) in order into ``out/name-*.tar``."""
     result = SplitResult(name)
     counts: dict[str, int] = {}
     jobs = [(str(root / rel), cfg.max_side, cfg.quality) for rel, _ in items]
-    encoded = pool.imap(_encode_job, jobs, chunksize=8) if pool else map(_encode_job, jobs)
+    encoded = _encoded_in_order(jobs, pool)
     # mtime=0 and fixed user/group make the tar headers, and so the shards, byte-identical across runs.
     sink = wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=cfg.shard_size, maxsize=float("inf"),
                            verbose=0, encoder=False, mtime=0)
@@ -264,6 +283,8 @@ def _split_items(train_dir, val_dir, val_labels):
     train_dir, val_dir = (Path(d) if d else None for d in (train_dir, val_dir))
     if train_dir is None and val_dir is None:
         raise DataError("nothing to do: give --train-dir and/or --val-dir")
+    if val_labels and val_dir is None:
+        raise DataError(f"--val-labels {val_labels} needs --val-dir (the flat folder it labels)")
     classes = list_classes(train_dir) if train_dir else None
     splits = []
     if train_dir:
@@ -290,8 +311,10 @@ def write_dataset(out, train_dir=None, val_dir=None, val_labels=None, cfg: Write
     pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
     try:
         results = [write_split(name, root, items, out, cfg, pool) for name, root, items in splits]
+        write_info(out, classes, results, cfg)
+    except OSError as e:  # reading inputs never raises (bad files are skipped): this is the output side
+        raise DataError(f"cannot write to {out}: {e}") from None
     finally:
         if pool:
             pool.terminate()
-    write_info(out, classes, results, cfg)
     return results

@@ -71,7 +71,8 @@ def test_round_trip_counts_labels_and_names(tmp_path):
     assert [s["fname.txt"].decode() for s in read_split(out, "val")] == sorted(val)
 
 
-def test_same_input_gives_byte_identical_output(tmp_path):
+def test_same_input_gives_byte_identical_output(tmp_path, monkeypatch):
+    monkeypatch.setattr("data.shards.ENCODE_WINDOW", 4)  # several windows of pool work, in order
     _tree(tmp_path / "train", 5)
     outs = []
     for workers in (1, 2):
@@ -175,6 +176,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, named", [
     (["--train-dir", "{tmp}/nowhere"], "{tmp}/nowhere"),
+    (["--train-dir", "{tmp}/train", "--val-labels", "{tmp}/labels.txt"], "--val-labels {tmp}/labels.txt"),
     (["--train-dir", "{tmp}/train", "--val-dir", "{tmp}/train", "--val-labels", "{tmp}/labels.txt"],
      "{tmp}/labels.txt"),
 ])
