@@ -122,7 +122,8 @@ down() {
     stop_pidfile "$dir/slurmd.pid"
     stop_pidfile "$dir/slurmctld.pid"
     if [[ -f $dir/munged.started ]]; then
-        stop_pidfile /run/munge/munged.pid
+        # Another cluster (a test run beside this one) may still authenticate through it.
+        pgrep -x slurmctld >/dev/null || stop_pidfile /run/munge/munged.pid
         rm -f "$dir/munged.started"
     fi
 }
