@@ -123,31 +123,43 @@ def _parse_label(token: str, classes: list[str], where: str) -> int:
     raise DataError(f"{where}: label {token!r} is neither a known synset nor an index below {len(classes)}")
 
 
-def flat_val_items(val_dir: Path, labels_file: Path, classes: list[str] | None):
-    """Items of a flat ILSVRC val folder, and the classes (from meta.mat when none were given).
+def _label_lines(labels_file: Path) -> list[tuple[str | None, str]]:
+    """(file name or None, label token) per line of a validation label file, in any of its formats."""
+    lines = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
+    if lines and lines[0].replace(" ", "") == "ImageId,PredictionString":  # Kaggle's LOC_val_solution.csv
+        return [(name, boxes.split()[0]) for name, boxes in (ln.split(",", 1) for ln in lines[1:])]
+    rows = [ln.split() for ln in lines]
+    if rows and all(len(r) == 1 and r[0].isdigit() for r in rows):  # devkit ground truth: ids only
+        return [(None, r[0]) for r in rows]
+    if rows and all(len(r) == 2 for r in rows):
+        return [(r[0], r[1]) for r in rows]
+    raise DataError(f"{labels_file}: expected '<filename> <label>' lines, one devkit label id per line, "
+                    "or Kaggle's LOC_val_solution.csv")
 
-    ``labels_file`` holds either ``<filename> <label>`` lines or, as the devkit's
-    ILSVRC2012_validation_ground_truth.txt, one 1-based ILSVRC2012_ID per line for the sorted files.
-    Files without a label are reported as skipped by the caller (returned with label -1).
+
+def flat_val_items(val_dir: Path, labels_file: Path, classes: list[str] | None):
+    """Items of a flat ILSVRC val folder, and the classes (from the labels when none were given).
+
+    ``labels_file``: ``<filename> <synset or 0-based index>`` lines (file names with or without
+    extension); Kaggle's LOC_val_solution.csv; or the devkit's ILSVRC2012_validation_ground_truth.txt,
+    one 1-based ILSVRC2012_ID per line for the sorted files, mapped through the meta.mat beside it.
+    Files without a label come back with label -1, for the caller to report as skipped.
     """
     if not labels_file.is_file():
         raise DataError(f"label file not found: {labels_file}")
     if not val_dir.is_dir():
         raise DataError(f"input folder not found: {val_dir}")
-    lines = [ln.split() for ln in labels_file.read_text().splitlines() if ln.strip()]
-    files = _files_under(val_dir)
-    if lines and all(len(ln) == 1 for ln in lines):
+    rows, files = _label_lines(labels_file), _files_under(val_dir)
+    if rows and rows[0][0] is None:
         wnids = _devkit_wnids(labels_file)
+        if len(rows) != len(files):
+            raise DataError(f"{labels_file}: {len(rows)} labels for {len(files)} files in {val_dir}")
+        rows = [(f, wnids.get(int(token), token)) for f, (_, token) in zip(files, rows)]
         classes = classes or sorted(wnids.values())
-        if len(lines) != len(files):
-            raise DataError(f"{labels_file}: {len(lines)} labels for {len(files)} files in {val_dir}")
-        labels = {f: _parse_label(wnids.get(int(ln[0]), ln[0]), classes, f"{labels_file}:{i + 1}")
-                  for i, (f, ln) in enumerate(zip(files, lines))}
-    elif lines and all(len(ln) == 2 for ln in lines):
-        classes = classes or sorted({ln[1] for ln in lines})
-        labels = {ln[0]: _parse_label(ln[1], classes, f"{labels_file}:{i + 1}") for i, ln in enumerate(lines)}
-    else:
-        raise DataError(f"{labels_file}: expected '<filename> <label>' or one devkit label id per line")
+    classes = classes or sorted({token for _, token in rows})
+    file_set, by_stem = set(files), {Path(f).stem: f for f in files}
+    labels = {name if name in file_set else by_stem.get(name, name):
+              _parse_label(token, classes, f"{labels_file}:{i + 1}") for i, (name, token) in enumerate(rows)}
     # A file named in the labels but absent from the folder fails to open and is reported as skipped.
     return [(f, labels.get(f, -1)) for f in sorted(set(files) | set(labels))], classes
 

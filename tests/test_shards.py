@@ -123,7 +123,7 @@ def test_max_side_reencodes_large_images_only(tmp_path):
     assert samples["a/small.JPEG"]["jpg"] == (root / "a" / "small.JPEG").read_bytes()  # stored untouched
 
 
-@pytest.mark.parametrize("label_style", ["synset", "index"])
+@pytest.mark.parametrize("label_style", ["synset", "index", "kaggle_csv"])
 def test_flat_val_folder_with_label_file(tmp_path, label_style):
     _tree(tmp_path / "train", 1)
     val = tmp_path / "val"
@@ -131,8 +131,13 @@ def test_flat_val_folder_with_label_file(tmp_path, label_style):
     for name, c in truth.items():
         _jpeg(val / name, (40 * c, 0, 0))
     _jpeg(val / "unlabelled.JPEG", (0, 0, 0))
-    label = (lambda c: CLASSES[c]) if label_style == "synset" else str
-    (tmp_path / "val.txt").write_text("".join(f"{n} {label(c)}\n" for n, c in truth.items()))
+    if label_style == "kaggle_csv":  # names without extension, the synset first among box coordinates
+        text = "ImageId,PredictionString\n" + "".join(
+            f"{n.split('.')[0]},{CLASSES[c]} 1 2 30 40 {CLASSES[c]} 5 6 7 8\n" for n, c in truth.items())
+    else:
+        label = (lambda c: CLASSES[c]) if label_style == "synset" else str
+        text = "".join(f"{n} {label(c)}\n" for n, c in truth.items())
+    (tmp_path / "val.txt").write_text(text)
     out = tmp_path / "out"
     code = make_shards(["--train-dir", str(tmp_path / "train"), "--val-dir", str(val),
                         "--val-labels", str(tmp_path / "val.txt"), "--out", str(out), "--workers", "1"])
