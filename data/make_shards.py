@@ -4,11 +4,14 @@
     python -m data.make_shards --train-dir /data/imagenet/train --val-dir /data/imagenet/val \\
         --out /data/imagenet-shards --shard-size 1000
 
-    # flat ILSVRC2012 val folder with a '<filename> <synset-or-index>' file, or the devkit's
-    # ILSVRC2012_validation_ground_truth.txt (meta.mat must sit beside it)
+    # the flat ILSVRC2012 val folder, labelled by the devkit's ground truth (meta.mat must sit beside it;
+    # reading it needs scipy) ...
     python -m data.make_shards --train-dir /data/imagenet/train --val-dir /data/ILSVRC2012_img_val \\
         --val-labels /data/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt \\
         --out /data/imagenet-shards
+    # ... or by Kaggle's LOC_val_solution.csv, or any '<filename> <synset or 0-based index>' file
+    python -m data.make_shards --train-dir /data/imagenet/train --val-dir /data/ILSVRC/Data/CLS-LOC/val \\
+        --val-labels /data/LOC_val_solution.csv --out /data/imagenet-shards
 
 The output layout is described in data/shards.py. Errors print one line and exit with status 2.
 """
@@ -34,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     inp.add_argument("--val-dir", help="class-folder tree, or a flat folder with --val-labels")
     inp.add_argument("--val-labels", metavar="FILE",
                      help="labels of a flat val folder: '<filename> <synset|0-based index>' per line, "
-                          "or the devkit's one ILSVRC2012_ID per line (meta.mat beside it)")
+                          "Kaggle's LOC_val_solution.csv, or the devkit's one ILSVRC2012_ID per line "
+                          "(meta.mat beside it)")
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="folder for the shards, _info.json, classes.txt, skipped.txt")
     out.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
