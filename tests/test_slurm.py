@@ -85,7 +85,7 @@ def cluster(tmp_path_factory):
                     # Job ids pick the trainer's port (launch/slurm): no clash with a cluster beside this one.
                     FIRST_JOB_ID=str(random.randrange(1000, 900_000)))
     up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up", str(state)], env=env, capture_output=True,
-                        text=True, timeout=400)
+                        text=True, timeout=500)
     if up.returncode != 0:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "down", str(state)], env=env, timeout=60)
         unavailable(f"SLURM did not come up: {up.stderr.strip()[-2000:]}")
@@ -223,7 +223,7 @@ def test_batch_scripts_share_their_body():
     assert bodies[0] == bodies[1], "below the #SBATCH header one_node.sbatch and multi_node.sbatch must agree"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # the first test to need the cluster: may install SLURM (apt-get) first
 @pytest.mark.parametrize("script", BATCH_SCRIPTS, ids=lambda p: p.name)
 def test_sbatch_test_only_accepts_the_script(cluster, script):
     result = subprocess.run(["sbatch", "--test-only", *local_overrides(), str(script), "--data-dir", "x"],
