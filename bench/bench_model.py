@@ -1,6 +1,7 @@
 """Forward+backward time of our ResNets against torchvision's, with the same weights and input.
 
-    python bench/bench_model.py                      # CPU: resnet18 and resnet50, batch 8, ~2 min on 2 cores
+    python bench/bench_model.py                      # CPU: resnet18 and resnet50, batch 8, a few minutes on 2 cores
+    python bench/bench_model.py --threads 1 --clock cpu --reps 16   # on a CPU machine shared with other jobs
     python bench/bench_model.py --device cuda --batch-size 64 --reps 30
 
 Each repetition times one training step (forward, loss, backward) of ours, then of
@@ -37,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed steps of each model, per arch and format")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 is steadier on a machine shared with other jobs")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: CPU time of this process, which neighbours on a shared machine barely change "
+                        "(CPU device only; use with --threads 1, as waiting threads spin)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each model first")
     return p.parse_args()
 
@@ -46,14 +50,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clock=time.perf_counter) -> float:
     """Seconds for one forward + cross-entropy + backward."""
     model.zero_grad(set_to_none=True)
     sync(x.device)
-    start = time.perf_counter()
+    start = clock()
     nn.functional.cross_entropy(model(x), y).backward()
     sync(x.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def compare(arch: str, memory_format: torch.memory_format, args: argparse.Namespace) -> dict:
@@ -68,6 +72,7 @@ def compare(arch: str, memory_format: torch.memory_format, args: argparse.Namesp
     x = x.to(device, memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.warmup):
         for m in models.values():
             step_time(m, x, y)
@@ -75,7 +80,7 @@ def compare(arch: str, memory_format: torch.memory_format, args: argparse.Namesp
     for rep in range(args.reps):
         order = ("ours", "tv") if rep % 2 == 0 else ("tv", "ours")
         for name in order:
-            times[name].append(step_time(models[name], x, y))
+            times[name].append(step_time(models[name], x, y, clock))
     return times
 
 
@@ -91,10 +96,12 @@ def summary(arch: str, fmt: str, times: dict) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        raise SystemExit("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}x3x{args.image_size}x{args.image_size}, "
+          f"threads {torch.get_num_threads()}, {args.clock} clock, batch {args.batch_size}x3x{args.image_size}x{args.image_size}, "
           f"{args.reps} reps")
     print(f"{'arch':<10} {'format':<14} {'ours ms':>8} {'tv ms':>8}   ratio [IQR]            [min, max]         "
           "min/min")
