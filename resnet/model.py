@@ -93,7 +93,7 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
             # He et al. 2015: variance 2/fan_out keeps the gradient scale constant through ReLU convs.
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            # Start as the identity, so the conv init alone sets the activation scale.
+            # Unit scale, zero shift: every BN starts by passing normalised activations through unchanged.
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     if zero_init_residual:
