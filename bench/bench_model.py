@@ -100,8 +100,9 @@ def main() -> None:
         raise SystemExit("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
+    size = args.image_size
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, {args.clock} clock, batch {args.batch_size}x3x{args.image_size}x{args.image_size}, "
+          f"threads {torch.get_num_threads()}, {args.clock} clock, batch {args.batch_size}x3x{size}x{size}, "
           f"{args.reps} reps")
     print(f"{'arch':<10} {'format':<14} {'ours ms':>8} {'tv ms':>8}   ratio [IQR]            [min, max]         "
           "min/min")

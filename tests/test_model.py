@@ -139,7 +139,8 @@ def test_channels_last_matches_nchw(arch, train, dtype, tol):
     nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
     x = input_for(arch, cifar_stem=False).to(dtype)
     formats = []
-    nhwc.layer3.register_forward_hook(lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
+    nhwc.layer3.register_forward_hook(
+        lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
 
     outs = []
     for model, inp in ((nchw, x), (nhwc, x.to(memory_format=torch.channels_last))):
@@ -175,6 +176,7 @@ def test_unknown_arch_lists_valid_names():
 
 
 def test_resnet_imports_only_torch():
-    code = "import sys, resnet; bad = [m for m in sys.modules if m.split('.')[0] in ('torchvision', 'timm')]; print(bad)"
+    code = ("import sys, resnet; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torchvision', 'timm')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
