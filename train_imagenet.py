@@ -212,10 +212,17 @@ def make_accelerator(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-    print(f"rank {accelerator.process_index}/{accelerator.num_processes} "
-          f"local_rank {accelerator.local_process_index} host {socket.gethostname()} "
-          f"device {accelerator.device} backend {backend}", flush=True)
+    print_line(f"rank {accelerator.process_index}/{accelerator.num_processes} "
+               f"local_rank {accelerator.local_process_index} host {socket.gethostname()} "
+               f"device {accelerator.device} backend {backend}")
     return accelerator
+
+
+def print_line(text: str) -> None:
+    """A line from every rank in one write: print() writes the newline separately, so lines of ranks sharing
+    a pipe could splice ("...e+05rank 0 ...")."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,7 +569,7 @@ def check_replicas(accelerator, model) -> None:
     net = accelerator.unwrap_model(model)
     tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
     local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(tensors)).reshape(1)
-    print(f"rank {accelerator.process_index} weights checksum {local.item():.12e}", flush=True)
+    print_line(f"rank {accelerator.process_index} weights checksum {local.item():.12e}")
     every = accelerator.gather(local.to(accelerator.device)).cpu()
     if accelerator.num_processes > 1:
         same = bool((every == every[0]).all())
