@@ -28,14 +28,18 @@ Every option can come from a YAML recipe (`--config`); flags on the command line
 configuration, library versions, world size and git revision are written into `--output-dir`, beside the
 checkpoints, TensorBoard events (`tensorboard --logdir <output-dir>`) and `metrics.jsonl`.
 
-`--resume auto` continues from the newest complete checkpoint, mid-epoch included. SIGUSR1 or SIGTERM makes
-every rank stop at the same step boundary, write one checkpoint and exit with code 75 (requeue me).
+`--resume auto` continues from the newest complete checkpoint, mid-epoch included; one that fails its checksums
+or cannot be loaded is named, renamed `step-N.unloadable` and the one before it used. SIGUSR1 or SIGTERM makes
+every rank stop at the same step boundary, write one checkpoint and exit with code 75 (requeue me). A loss that
+stays NaN/inf (`--max-nonfinite-steps`) or a full disk stops the run with exit code 1 and never costs the last
+good checkpoint. What survives what, and the test that shows it: README, "Reliability".
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -61,6 +65,10 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STOP_CHECK_EVERY = 10  # steps between agreeing on a stop request: one tiny all-reduce, not one per step
+
+# Fault injection for tests/test_faults.py, read here and nowhere else; never set them for a real run.
+FAULT_NAN_AT_STEP = int(os.environ.get("RESNET_FAULT_NAN_AT_STEP", "-1"))  # this global step's loss becomes NaN
+FAULT_SLOW_SAVE = float(os.environ.get("RESNET_FAULT_SLOW_SAVE", "0"))  # seconds paused inside each checkpoint write
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nesterov", action="store_true")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="not applied to norm weights and biases")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--max-nonfinite-steps", type=int, default=3,
+                   help="stop after this many consecutive batches with a NaN/inf loss (checked every "
+                        f"{STOP_CHECK_EVERY} steps); weights that are no longer finite are never saved")
     g.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 disables")
     g.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
     g.add_argument("--ema-decay", type=float, default=0.0, help="timm ModelEmaV3 decay; 0 disables")
@@ -466,16 +477,16 @@ class Progress:
     history: list = field(default_factory=list)
 
 
+RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for rank i's RNG states
+CHECKSUM_FILE = "checksums.json"  # sha256 of every other file of a checkpoint
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Incomplete ones are `.tmp-*` and never match."""
     return sorted((p for p in root.glob("step-*") if re.fullmatch(r"step-\d{8}", p.name)), key=lambda p: p.name)
 
 
-def fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -483,28 +494,104 @@ def fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written; its partial directory is already gone."""
+
+
 def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int) -> Path:
-    """Write into `.tmp-step-N`, then rename: a crash mid-save leaves the previous checkpoint untouched."""
+    """Write into `.tmp-step-N`, then rename: a crash mid-save leaves the previous checkpoint untouched.
+
+    A write that fails on any rank (a full disk, a lost mount) is agreed by all ranks: the partial directory
+    is removed and every rank raises CheckpointError, so none is left waiting for one that gave up.
+    """
     final = root / f"step-{progress.global_step:08d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    error = attempt(make_empty_dir, tmp) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, scaler, RNG states of every rank
+    for phase in (write_checkpoint, seal_checkpoint):  # the second starts when every rank's files are in
+        if error is None:
+            error = attempt(phase, accelerator, tmp, progress, ema)
+        if any_rank(accelerator, error is not None)[0]:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(error or "the write failed on another rank")
     if accelerator.is_main_process:
-        if ema is not None:
-            torch.save(ema.module.state_dict(), tmp / "ema.pt")
-        (tmp / "progress.json").write_text(json.dumps(vars(progress), indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)  # the rename itself
         prune_checkpoints(root, keep, progress.best_checkpoint)
     accelerator.wait_for_everyone()
     return final
+
+
+def make_empty_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def write_checkpoint(accelerator, tmp: Path, progress: Progress, ema) -> None:
+    """This rank's files of a checkpoint, flushed to disk before anyone renames the directory."""
+    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, scaler (main); RNG state (every rank)
+    if accelerator.is_main_process:
+        if ema is not None:
+            torch.save(ema.module.state_dict(), tmp / "ema.pt")
+        time.sleep(FAULT_SLOW_SAVE)  # tests kill the run here, with the checkpoint half written
+        (tmp / "progress.json").write_text(json.dumps(vars(progress), indent=1))
+    mine = sorted(tmp.iterdir()) if accelerator.is_main_process else [tmp / RNG_FILE.format(accelerator.process_index)]
+    for f in mine:
+        fsync_path(f)
+
+
+def seal_checkpoint(accelerator, tmp: Path, *_) -> None:
+    """Checksums of every file: neither torch nor safetensors notices bytes changed inside tensor data."""
+    if accelerator.is_main_process:
+        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
+        fsync_path(tmp / CHECKSUM_FILE)
+        fsync_path(tmp)  # its entries, now that every rank has written its files
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(ckpt: Path) -> None:
+    """Raise unless every file listed in the checkpoint's checksums is present and unchanged."""
+    if not (ckpt / CHECKSUM_FILE).exists():
+        return  # written before checksums were
+    for name, digest in json.loads((ckpt / CHECKSUM_FILE).read_text()).items():
+        if not (ckpt / name).is_file() or file_sha256(ckpt / name) != digest:
+            raise ValueError(f"{name} is missing or not the file that was written (checksum mismatch)")
+
+
+def attempt(fn, *args) -> str | None:
+    """Run fn; None on success, else the error in one line (to be agreed across ranks, then reported)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 -- every failure is reported; the caller decides what it means
+        return one_line(e)
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception in one line; for a refused pickle, the line naming what it tried to load (the first
+    line of torch's message suggests weights_only=False, which would run the file's code)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    refused = [ln for ln in lines if "GLOBAL " in ln or "WeightsUnpickler error" in ln]
+    return f"{type(e).__name__}: {(refused or lines)[0]}"
+
+
+def any_rank(accelerator, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank: one all-reduce, which every rank must call."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return [v > 0 for v in t.tolist()]
 
 
 def prune_checkpoints(root: Path, keep: int, best: str) -> None:
@@ -515,37 +602,74 @@ def prune_checkpoints(root: Path, keep: int, best: str) -> None:
 
 
 def resume_from(accelerator, where: str, out: Path, ema) -> Progress:
-    """Load the newest loadable checkpoint; a damaged one is named and the previous one tried."""
+    """Load the newest loadable checkpoint; a damaged one is named, moved aside and the previous one tried."""
     root = out / "checkpoints"
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(root)
     candidates = [Path(where)] if where != "auto" else list(reversed(checkpoint_dirs(root)))
     if where != "auto" and not Path(where, "progress.json").exists():
         sys.exit(f"error: --resume {where}: not a checkpoint directory (no progress.json)")
     for ckpt in candidates:
-        error = try_load(accelerator, ckpt, ema)
+        progress, error = try_load(accelerator, ckpt, ema)
         # Every rank must settle on the same checkpoint, so the verdict is agreed collectively.
-        failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-        if accelerator.reduce(failed, reduction="sum").item() == 0:
-            progress = Progress(**json.loads((ckpt / "progress.json").read_text()))
+        if not any_rank(accelerator, error is not None)[0]:
             accelerator.print(f"resumed from {ckpt} at step {progress.global_step} "
                               f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
             return progress
-        accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({error or 'on another rank'}); "
-                          "trying the previous one")
+        accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({error or 'on another rank'})")
+        if where == "auto" and accelerator.is_main_process:
+            set_aside(ckpt)
     if candidates:
-        accelerator.print("warning: no loadable checkpoint; starting from scratch")
+        # Starting over would leave the model half-loaded and let pruning delete new checkpoints
+        # in favour of the unloadable ones.
+        what = f"no checkpoint in {root}" if where == "auto" else f"--resume {where}"
+        sys.exit(f"error: {what} can be loaded (see the warnings above); move the checkpoints away to start "
+                 "from scratch" if accelerator.is_main_process else 1)
     return Progress()
 
 
-def try_load(accelerator, ckpt: Path, ema) -> str | None:
+def remove_partial_checkpoints(root: Path) -> None:
+    """A run killed while writing a checkpoint leaves `.tmp-step-N`, which is never loaded: remove it."""
+    for tmp in sorted(root.glob(".tmp-step-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}: a checkpoint whose writing was interrupted", flush=True)
+
+
+def set_aside(ckpt: Path) -> None:
+    """Rename an unloadable checkpoint out of the `step-N` namespace, so that it is not tried again and
+    does not count among the newest when pruning; it stays on disk for inspection."""
+    dest = ckpt.with_name(ckpt.name + ".unloadable")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(ckpt, dest)
+    print(f"moved {ckpt} aside to {dest}; trying the previous checkpoint", flush=True)
+
+
+def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]:
+    from accelerate.utils import load  # torch.load with weights_only=True and numpy's arrays allowed
+
     try:
-        json.loads((ckpt / "progress.json").read_text())
-        accelerator.load_state(str(ckpt))  # Accelerate loads with weights_only=True
+        verify_checksums(ckpt)
+        progress = read_progress(ckpt / "progress.json")
+        # Accelerate ignores an RNG state it cannot load, which would resume inexactly (or quietly
+        # accept a file crafted to run code): load it first, as accelerate does, and fail here instead.
+        rng = load(ckpt / RNG_FILE.format(accelerator.process_index))
+        if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
+            raise ValueError("random states file holds no torch_manual_seed")
+        accelerator.load_state(str(ckpt))  # every file with weights_only=True (we register no custom objects)
         if ema is not None:
             ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,
                                                   weights_only=True))
     except Exception as e:  # noqa: BLE001 -- any failure means "not this checkpoint"; it is reported
-        return f"{type(e).__name__}: {e}"
-    return None
+        return None, one_line(e)
+    return progress, None
+
+
+def read_progress(path: Path) -> Progress:
+    progress = Progress(**json.loads(path.read_text()))
+    if not all(isinstance(v, int) and v >= 0 for v in (progress.global_step, progress.epoch,
+                                                        progress.batch_in_epoch)):
+        raise ValueError(f"{path}: step, epoch and batch must be counts")
+    return progress
 
 
 def sync_buffers(accelerator, module: nn.Module) -> None:
@@ -603,11 +727,28 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.requested = True  # only a flag: the step in flight finishes undisturbed
 
-    def agreed(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+class NonFiniteGuard:
+    """Counts consecutive batches whose loss is NaN or inf, on the device, so watching costs no sync per step.
+
+    The count is read only where the trainer syncs anyway: the stop check every STOP_CHECK_EVERY steps,
+    and before each checkpoint, which also refuses weights that are no longer finite (SGD never trains
+    them back), so a NaN never replaces a good checkpoint. In fp16 the loss scaler skips an overflowing
+    step by itself; only a loss that stays non-finite for --max-nonfinite-steps batches stops the run.
+    """
+
+    def __init__(self, device, limit: int):
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.limit = limit
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.streak = torch.where(torch.isfinite(loss.detach()), 0, self.streak + 1)
+
+    def over_limit(self) -> bool:
+        return bool(self.streak >= self.limit)  # a sync: call only at the points above
+
+    def weights_finite(self, model: nn.Module) -> bool:
+        return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -669,7 +810,9 @@ class Trainer:
     out: Path
     steps_per_epoch: int
     stop: StopRequest
+    guard: NonFiniteGuard
     warned_data_wait: bool = False
+    bad_samples: int = 0  # corrupt training samples skipped by all ranks, as last reported
 
 
 def train_epoch(t: Trainer, epoch: int) -> str | None:
@@ -690,12 +833,15 @@ def train_epoch(t: Trainer, epoch: int) -> str | None:
             t.monitor.image_grid(images_for_display(images), 0)
         with a.accumulate(t.model):
             loss = t.criterion(t.model(images), targets)
+            if p.global_step == FAULT_NAN_AT_STEP:
+                loss = loss * float("nan")
             a.backward(loss)
             if a.sync_gradients and args.clip_grad > 0:
                 a.clip_grad_norm_(t.model.parameters(), args.clip_grad)
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
         p.batch_in_epoch += 1
+        t.guard.add(loss)
         meter.add(loss.detach(), labels.numel())
         bar.update(1) if bar else None
         if not a.sync_gradients:
@@ -722,12 +868,19 @@ def after_optimizer_step(t: Trainer, meter: "StepMeter") -> str | None:
         log_train(t, meter)
     epoch_end = p.batch_in_epoch == t.steps_per_epoch * args.grad_accum  # fit() saves after evaluating
     if args.checkpoint_every and p.global_step % args.checkpoint_every == 0 and not epoch_end:
-        save(t)
+        if save(t):
+            return "nonfinite"
     if args.max_steps and p.global_step >= args.max_steps:
         return "max-steps"
-    if p.global_step % STOP_CHECK_EVERY == 0 and t.stop.agreed(a):
-        return "signal"
+    if p.global_step % STOP_CHECK_EVERY == 0:
+        return agree_to_stop(t)
     return None
+
+
+def agree_to_stop(t: Trainer) -> str | None:
+    """One tiny all-reduce: a stop signal on any rank, or a run of non-finite losses on any rank."""
+    nonfinite, signalled = any_rank(t.accelerator, t.guard.over_limit(), t.stop.requested)
+    return "nonfinite" if nonfinite else "signal" if signalled else None
 
 
 class StepMeter:
@@ -813,8 +966,55 @@ def close_bar(bar) -> None:
         bar.close()
 
 
-def save(t: Trainer) -> Path:
-    return save_checkpoint(t.accelerator, t.out / "checkpoints", t.progress, t.ema, t.args.keep_checkpoints)
+def save(t: Trainer) -> str | None:
+    """A checkpoint, unless the loss or the weights went non-finite: then 'nonfinite', and nothing is written."""
+    a = t.accelerator
+    too_many, bad_weights = any_rank(a, t.guard.over_limit(), not t.guard.weights_finite(a.unwrap_model(t.model)))
+    if too_many or bad_weights:
+        return "nonfinite"
+    root = t.out / "checkpoints"
+    try:
+        save_checkpoint(a, root, t.progress, t.ema, t.args.keep_checkpoints)
+    except CheckpointError as e:
+        sys.exit(checkpoint_failed(t, root, str(e)) if a.is_main_process else 1)
+    return None
+
+
+def checkpoint_failed(t: Trainer, root: Path, error: str) -> str:
+    """One line: which checkpoint, why (the disk is full, most often), what is left, what to do."""
+    need, free = checkpoint_bytes(t), shutil.disk_usage(root).free
+    why = f"no space left on the device ({error})" if free < need else error
+    newest = checkpoint_dirs(root)
+    return (f"error: cannot write checkpoint {root / f'step-{t.progress.global_step:08d}'}: {why}; it needs "
+            f"about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free there. Nothing of it is left "
+            f"behind; {newest[-1] if newest else 'no earlier checkpoint'} is intact. Free some space and run "
+            "again with --resume auto")
+
+
+def checkpoint_bytes(t: Trainer) -> int:
+    """About what a checkpoint takes: the tensors of the model, optimizer and EMA states."""
+    def size(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(map(size, x.values()))
+        return sum(map(size, x)) if isinstance(x, (list, tuple)) else 0
+
+    states = [t.accelerator.unwrap_model(t.model).state_dict(), t.optimizer.state_dict()]
+    return size(states) + (size(t.ema.module.state_dict()) if t.ema is not None else 0)
+
+
+def stop_nonfinite(t: Trainer) -> int:
+    """The run's loss or weights went NaN/inf: say so and where to resume from; nothing was saved since."""
+    a, p = t.accelerator, t.progress
+    newest = checkpoint_dirs(t.out / "checkpoints")
+    finite = t.guard.weights_finite(a.unwrap_model(t.model))
+    a.print(f"error: stopped at step {p.global_step}: the loss was NaN or inf for the last {int(t.guard.streak)} "
+            f"batches (limit --max-nonfinite-steps {t.args.max_nonfinite_steps}) and the weights are "
+            f"{'finite' if finite else 'no longer finite'}; nothing was saved from them, the newest checkpoint "
+            f"is {newest[-1] if newest else 'none'}. Lower --lr, add --warmup-epochs or --clip-grad, or check "
+            "the data, then run again with --resume auto", file=sys.stderr)
+    return 1
 
 
 def run_evaluation(t: Trainer) -> dict:
@@ -841,24 +1041,38 @@ def fit(t: Trainer) -> str | None:
         reason = train_epoch(t, p.epoch)
         if reason:
             return reason
+        report_bad_samples(t)
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
         if t.val_loader is not None and (p.epoch % args.eval_every == 0 or p.epoch == args.epochs):
             result = run_evaluation(t)
             if result["top1"] > p.best_top1:
                 p.best_top1, p.best_checkpoint = result["top1"], f"step-{p.global_step:08d}"
-        save(t)
+        if save(t):
+            return "nonfinite"
     return None
+
+
+def report_bad_samples(t: Trainer) -> None:
+    """Corrupt training samples skipped this epoch by all ranks (the loader warns about each by name)."""
+    a = t.accelerator
+    mine = torch.tensor([float(getattr(t.train_loader, "bad_samples", 0))], device=a.device)
+    total = int((a.reduce(mine, reduction="sum") if a.num_processes > 1 else mine).item())
+    new, t.bad_samples = total - t.bad_samples, total
+    t.monitor.log(t.progress.global_step, {"bad_samples": new}, "data")
+    if new:
+        a.print(f"epoch {t.progress.epoch}: skipped {new} corrupt training samples (named in the warnings above)")
 
 
 def finish(t: Trainer, reason: str | None) -> int:
     """Final evaluation and export, or a checkpoint and the requeue code when a signal stopped the run."""
     a, p = t.accelerator, t.progress
+    if reason in ("signal", "max-steps"):
+        reason = save(t) or reason
+    if reason == "nonfinite":
+        return stop_nonfinite(t)
     if reason == "signal":
-        save(t)
         a.print(f"stopped by signal at step {p.global_step}; checkpoint written; resume with --resume auto")
         return EXIT_REQUEUE
-    if reason == "max-steps":
-        save(t)
     final = {}
     if t.val_loader is not None:
         final = p.last_eval if p.last_eval_step == p.global_step else run_evaluation(t)
@@ -882,17 +1096,23 @@ def evaluate_only(args, accelerator) -> int:
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.exists():
         sys.exit(f"error: --evaluate {path}: no such model file")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights), device=str(accelerator.device))
-    else:
-        state = torch.load(weights, map_location=accelerator.device, weights_only=True)  # never runs pickled code
+    try:
+        state = load_weights(weights, accelerator.device)
+    except Exception as e:  # noqa: BLE001 -- a damaged or crafted file: one line, no traceback
+        sys.exit(f"error: --evaluate {weights}: cannot load it ({one_line(e)}); only tensors are accepted")
     model.load_state_dict({re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()})
     result = evaluate(model, val, DeviceBatch(args, accelerator.device, val.num_classes), accelerator)
     check_eval_count(result, val, accelerator)
     accelerator.print(f"final top1={result['top1']:.2f} top5={result['top5']:.2f} images={result['images']}")
     return 0
+
+
+def load_weights(path: Path, device) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    return torch.load(path, map_location=device, weights_only=True)  # never runs pickled code
 
 
 def build_trainer(args, accelerator, stop: StopRequest) -> Trainer:
@@ -909,8 +1129,9 @@ def build_trainer(args, accelerator, stop: StopRequest) -> Trainer:
     criterion = build_criterion(args)
     prep = DeviceBatch(args, accelerator.device, num_classes)
     monitor = Monitor(out, accelerator.is_main_process, progress.global_step)
+    guard = NonFiniteGuard(accelerator.device, args.max_nonfinite_steps)
     return Trainer(args, accelerator, model, optimizer, scheduler, ema, train_loader, val_loader, prep,
-                   criterion, monitor, progress, out, steps_per_epoch, stop)
+                   criterion, monitor, progress, out, steps_per_epoch, stop, guard)
 
 
 def build_criterion(args) -> nn.Module:
@@ -934,8 +1155,11 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(f"{args.arch}: {trainer.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
                       f"{args.batch_size * accelerator.num_processes * args.grad_accum}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
-    reason = fit(trainer)
-    code = finish(trainer, reason)
+    try:
+        reason = fit(trainer)
+        code = finish(trainer, reason)
+    except DataError as e:  # too many corrupt samples, an unreadable shard: one line naming it
+        sys.exit(f"error: {e}")
     accelerator.end_training()
     return code
 
