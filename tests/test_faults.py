@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_imagenet as T
-from conftest import ROOT, accelerate_launch, run, trainer
+from conftest import ROOT, accelerate_launch, free_port, run, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -238,21 +238,24 @@ def test_corrupt_checkpoints_are_named_set_aside_and_the_previous_one_resumes(tm
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_is_needed(tmp_path):
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root and must run this test (it mounts a tmpfs)")
-        pytest.skip("mounting a size-limited tmpfs needs root")
+    """Two processes started as `srun python` would (no launcher to tear them down): rank 0 hits the full
+    disk, rank 1 has written its part; both must agree, clean up and exit, neither may wait for the other."""
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True)
-    # resnet20 checkpoints take 2.1 MiB (model + momentum): the first fits in 3.4 MiB, the second does not
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(ckpt)], check=True, timeout=30)
+    mount_tmpfs(ckpt, "3500k")  # resnet20 checkpoints take 2.1 MiB: the first fits in 3.4 MiB, the second not
+    procs = []
     try:
-        proc = run(trainer(*SYNTHETIC, "--synthetic-steps", "10", "--epochs", "1", "--checkpoint-every", "2",
-                           "--output-dir", out), check=False, timeout=180)
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        cmd = trainer(*SYNTHETIC, "--synthetic-steps", "10", "--epochs", "1", "--checkpoint-every", "2",
+                      "--dist-timeout", "120", "--output-dir", out)
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        (out0, err0), (out1, err1) = (p.communicate(timeout=240) for p in procs)
+        assert [p.returncode for p in procs] == [1, 1], out0 + err0 + out1 + err1
+        errors = [ln for ln in err0.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err0 + err1 and not err1.strip(), err0 + err1
         assert f"cannot write checkpoint {ckpt / 'step-00000004'}: no space left on the device" in errors[0]
         assert re.search(r"it needs about 2\.\d MiB and [01]\.\d MiB are free there", errors[0]), errors[0]
         assert f"{ckpt / 'step-00000002'} is intact" in errors[0]
@@ -260,9 +263,27 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_is_n
         step2 = ckpt / "step-00000002"
         T.verify_checksums(step2)
         assert T.read_progress(step2 / "progress.json").global_step == 2
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in step2.iterdir()}
         assert len(load_file(str(step2 / "model.safetensors"))) > 0
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=60)
         subprocess.run(["umount", "-l", str(ckpt)], check=False, timeout=30)
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    """A size-limited filesystem; CI runs as root and must run the test, elsewhere it may be skipped."""
+    reason = "mounting a tmpfs needs root" if os.geteuid() != 0 else None
+    if reason is None:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        reason = proc.returncode and f"mount failed: {proc.stderr.strip()}"
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test: {reason}")
+    if reason:
+        pytest.skip(reason)
 
 
 # ------------------------------------------------------------------------------------ 4. a rank dies
