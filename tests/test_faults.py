@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_imagenet as T
+import checkpoints as C
 from conftest import ROOT, accelerate_launch, free_port, run, trainer
 
 pytestmark = pytest.mark.slow
@@ -212,7 +212,7 @@ def test_corrupt_checkpoints_are_named_set_aside_and_the_previous_one_resumes(tm
     optim.write_bytes(bytes(data))
     (ckpt / "step-00000006" / "progress.json").write_text('{"global_step": "six"')  # garbage
     # written before checkpoints carried checksums: the loaders' own checks must catch it
-    (ckpt / "step-00000005" / T.CHECKSUM_FILE).unlink()
+    (ckpt / "step-00000005" / C.CHECKSUM_FILE).unlink()
     model = ckpt / "step-00000005" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:-1000])
 
@@ -230,7 +230,7 @@ def test_corrupt_checkpoints_are_named_set_aside_and_the_previous_one_resumes(tm
     assert f"resumed from {ckpt / 'step-00000004'} at step 4 " in proc.stdout
     assert checkpoints(out) == sorted([f"step-{s:08d}" for s in range(1, 7)] +  # 5 and 6 written anew
                                       [f"step-{s:08d}.unloadable" for s in range(5, 9)])
-    T.verify_checksums(ckpt / "step-00000006")  # written anew, after the set-aside one
+    C.verify_checksums(ckpt / "step-00000006")  # written anew, after the set-aside one
     assert "Traceback" not in proc.stderr
 
 
@@ -261,8 +261,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_is_n
         assert f"{ckpt / 'step-00000002'} is intact" in errors[0]
         assert checkpoints(out) == ["step-00000002"], "nothing half-written is left"
         step2 = ckpt / "step-00000002"
-        T.verify_checksums(step2)
-        assert T.read_progress(step2 / "progress.json").global_step == 2
+        C.verify_checksums(step2)
+        assert C.read_progress(step2 / "progress.json").global_step == 2
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in step2.iterdir()}
         assert len(load_file(str(step2 / "model.safetensors"))) > 0
     finally:
@@ -330,8 +330,8 @@ def test_a_nan_loss_stops_the_run_and_never_overwrites_a_good_checkpoint(tmp_pat
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     # the checkpoint at step 16 finds 4 bad batches (limit 3) and weights no longer finite: written it is not
-    assert (f"error: stopped at step 16: the loss was NaN or inf for the last 4 batches (limit "
-            f"--max-nonfinite-steps 3) and the weights are no longer finite") in proc.stderr, proc.stderr
+    assert ("error: stopped at step 16: the loss was NaN or inf for the last 4 batches (limit "
+            "--max-nonfinite-steps 3) and the weights are no longer finite") in proc.stderr, proc.stderr
     assert f"the newest checkpoint is {out / 'checkpoints' / 'step-00000012'}" in proc.stderr
     assert checkpoints(out) == ["step-00000004", "step-00000008", "step-00000012"]
     weights = load_file(str(out / "checkpoints" / "step-00000012" / "model.safetensors"))
@@ -490,5 +490,5 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(tmp
 
 
 def reseal(ckpt: Path) -> None:
-    sums = {f.name: T.file_sha256(f) for f in sorted(ckpt.iterdir()) if f.name != T.CHECKSUM_FILE}
-    (ckpt / T.CHECKSUM_FILE).write_text(json.dumps(sums))
+    sums = {f.name: C.file_sha256(f) for f in sorted(ckpt.iterdir()) if f.name != C.CHECKSUM_FILE}
+    (ckpt / C.CHECKSUM_FILE).write_text(json.dumps(sums))

@@ -1,0 +1,237 @@
+"""Checkpoints that survive crashes: written beside and renamed, checksummed, agreed across ranks.
+
+Layout: `OUT/checkpoints/step-NNNNNNNN/` holds Accelerate's `save_state` files (model, optimizer, scheduler,
+scaler, one RNG file per rank), `ema.pt`, `progress.json` and `checksums.json`, written last. A directory is
+`.tmp-step-N` until complete; one that fails to load is renamed `step-N.unloadable`. Every load uses
+weights_only=True: a checkpoint can hold tensors and plain data, never code.
+
+Kept apart from train_imagenet.py because it is one job with its own failure modes (full disks, kills
+mid-write, damaged or crafted files), each proven by tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Fault injection for tests/test_faults.py, read here and nowhere else; never set it for a real run.
+FAULT_SLOW_SAVE = float(os.environ.get("RESNET_FAULT_SLOW_SAVE", "0"))  # seconds paused inside each checkpoint write
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must hold beyond Accelerate's states to continue a run exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_top1: float = -1.0
+    best_checkpoint: str = ""
+    last_eval_step: int = -1
+    last_eval: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
+    history: list = field(default_factory=list)
+
+
+RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for rank i's RNG states
+CHECKSUM_FILE = "checksums.json"  # sha256 of every other file of a checkpoint
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Incomplete ones are `.tmp-*` and never match."""
+    return sorted((p for p in root.glob("step-*") if re.fullmatch(r"step-\d{8}", p.name)), key=lambda p: p.name)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written; its partial directory is already gone."""
+
+
+def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int) -> Path:
+    """Write into `.tmp-step-N`, then rename: a crash mid-save leaves the previous checkpoint untouched.
+
+    A write that fails on any rank (a full disk, a lost mount) is agreed by all ranks: the partial directory
+    is removed and every rank raises CheckpointError, so none is left waiting for one that gave up.
+    """
+    final = root / f"step-{progress.global_step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    error = attempt(make_empty_dir, tmp) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    for phase in (write_checkpoint, seal_checkpoint):  # the second starts when every rank's files are in
+        if error is None:
+            error = attempt(phase, accelerator, tmp, progress, ema)
+        if any_rank(accelerator, error is not None)[0]:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(error or "the write failed on another rank")
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(root)  # the rename itself
+        prune_checkpoints(root, keep, progress.best_checkpoint)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def make_empty_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def write_checkpoint(accelerator, tmp: Path, progress: Progress, ema) -> None:
+    """This rank's files of a checkpoint, flushed to disk before anyone renames the directory."""
+    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, scaler (main); RNG state (every rank)
+    if accelerator.is_main_process:
+        if ema is not None:
+            torch.save(ema.module.state_dict(), tmp / "ema.pt")
+        time.sleep(FAULT_SLOW_SAVE)  # tests kill the run here, with the checkpoint half written
+        (tmp / "progress.json").write_text(json.dumps(vars(progress), indent=1))
+    mine = sorted(tmp.iterdir()) if accelerator.is_main_process else [tmp / RNG_FILE.format(accelerator.process_index)]
+    for f in mine:
+        fsync_path(f)
+
+
+def seal_checkpoint(accelerator, tmp: Path, *_) -> None:
+    """Checksums of every file: neither torch nor safetensors notices bytes changed inside tensor data."""
+    if accelerator.is_main_process:
+        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1))
+        fsync_path(tmp / CHECKSUM_FILE)
+        fsync_path(tmp)  # its entries, now that every rank has written its files
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(ckpt: Path) -> None:
+    """Raise unless every file listed in the checkpoint's checksums is present and unchanged."""
+    if not (ckpt / CHECKSUM_FILE).exists():
+        return  # written before checksums were
+    for name, digest in json.loads((ckpt / CHECKSUM_FILE).read_text()).items():
+        if not (ckpt / name).is_file() or file_sha256(ckpt / name) != digest:
+            raise ValueError(f"{name} is missing or not the file that was written (checksum mismatch)")
+
+
+def attempt(fn, *args) -> str | None:
+    """Run fn; None on success, else the error in one line (to be agreed across ranks, then reported)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 -- every failure is reported; the caller decides what it means
+        return one_line(e)
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception in one line; for a refused pickle, the line naming what it tried to load (the first
+    line of torch's message suggests weights_only=False, which would run the file's code)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    refused = [ln for ln in lines if "GLOBAL " in ln or "WeightsUnpickler error" in ln]
+    return f"{type(e).__name__}: {(refused or lines)[0]}"
+
+
+def any_rank(accelerator, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank: one all-reduce, which every rank must call."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return [v > 0 for v in t.tolist()]
+
+
+def prune_checkpoints(root: Path, keep: int, best: str) -> None:
+    done = checkpoint_dirs(root)
+    for old in done[: max(0, len(done) - keep)]:
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_from(accelerator, where: str, out: Path, ema) -> Progress:
+    """Load the newest loadable checkpoint; a damaged one is named, moved aside and the previous one tried."""
+    root = out / "checkpoints"
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(root)
+    candidates = [Path(where)] if where != "auto" else list(reversed(checkpoint_dirs(root)))
+    if where != "auto" and not Path(where, "progress.json").exists():
+        sys.exit(f"error: --resume {where}: not a checkpoint directory (no progress.json)")
+    for ckpt in candidates:
+        progress, error = try_load(accelerator, ckpt, ema)
+        # Every rank must settle on the same checkpoint, so the verdict is agreed collectively.
+        if not any_rank(accelerator, error is not None)[0]:
+            accelerator.print(f"resumed from {ckpt} at step {progress.global_step} "
+                              f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
+            return progress
+        accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({error or 'on another rank'})")
+        if where == "auto" and accelerator.is_main_process:
+            set_aside(ckpt)
+    if candidates:
+        # Starting over would leave the model half-loaded and let pruning delete new checkpoints
+        # in favour of the unloadable ones.
+        what = f"no checkpoint in {root}" if where == "auto" else f"--resume {where}"
+        sys.exit(f"error: {what} can be loaded (see the warnings above); move the checkpoints away to start "
+                 "from scratch" if accelerator.is_main_process else 1)
+    return Progress()
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """A run killed while writing a checkpoint leaves `.tmp-step-N`, which is never loaded: remove it."""
+    for tmp in sorted(root.glob(".tmp-step-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}: a checkpoint whose writing was interrupted", flush=True)
+
+
+def set_aside(ckpt: Path) -> None:
+    """Rename an unloadable checkpoint out of the `step-N` namespace, so that it is not tried again and
+    does not count among the newest when pruning; it stays on disk for inspection."""
+    dest = ckpt.with_name(ckpt.name + ".unloadable")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(ckpt, dest)
+    print(f"moved {ckpt} aside to {dest}; trying the previous checkpoint", flush=True)
+
+
+def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]:
+    from accelerate.utils import load  # torch.load with weights_only=True and numpy's arrays allowed
+
+    try:
+        verify_checksums(ckpt)
+        progress = read_progress(ckpt / "progress.json")
+        # Accelerate ignores an RNG state it cannot load, which would resume inexactly (or quietly
+        # accept a file crafted to run code): load it first, as accelerate does, and fail here instead.
+        rng = load(ckpt / RNG_FILE.format(accelerator.process_index))
+        if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
+            raise ValueError("random states file holds no torch_manual_seed")
+        accelerator.load_state(str(ckpt))  # every file with weights_only=True (we register no custom objects)
+        if ema is not None:
+            ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,
+                                                  weights_only=True))
+    except Exception as e:  # noqa: BLE001 -- any failure means "not this checkpoint"; it is reported
+        return None, one_line(e)
+    return progress, None
+
+
+def read_progress(path: Path) -> Progress:
+    progress = Progress(**json.loads(path.read_text()))
+    if not all(isinstance(v, int) and v >= 0 for v in (progress.global_step, progress.epoch,
+                                                        progress.batch_in_epoch)):
+        raise ValueError(f"{path}: step, epoch and batch must be counts")
+    return progress
