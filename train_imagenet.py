@@ -162,9 +162,27 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.synthetic and not args.data_dir and not args.evaluate:
         parser.error("--data-dir is required (or --synthetic)")
+    check_ranges(parser, args)
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         parser.error(f"--mixup/--cutmix need an even --batch-size (timm mixes pairs), got {args.batch_size}")
     return args
+
+
+# Lower bounds checked after parsing, so values from a recipe (which argparse does not type-check) are caught too.
+AT_LEAST = {"batch_size": 1, "grad_accum": 1, "epochs": 1, "image_size": 8, "log_every": 1, "eval_every": 1,
+            "keep_checkpoints": 1, "synthetic_steps": 1, "num_classes": 2, "step_size": 1, "workers": 0,
+            "checkpoint_every": 0, "max_steps": 0, "max_nonfinite_steps": 1, "dist_timeout": 1, "lr": 0.0,
+            "weight_decay": 0.0, "warmup_epochs": 0.0, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
+            "re_prob": 0.0, "label_smoothing": 0.0, "clip_grad": 0.0, "crop_pct": 0.01}
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for dest, low in AT_LEAST.items():
+        value = getattr(args, dest)
+        kind = int if isinstance(low, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} must be {'an integer' if kind is int else 'a number'} >= {low}, got {value!r}")
 
 
 def read_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -598,6 +616,7 @@ class Trainer:
     stop: StopRequest
     guard: NonFiniteGuard
     warned_data_wait: bool = False
+    slow_data_intervals: int = 0  # consecutive logging intervals with over 10 % of the time waiting for data
     bad_samples: int = 0  # corrupt training samples skipped by all ranks, as last reported
 
 
@@ -712,11 +731,13 @@ def log_train(t: Trainer, meter: StepMeter) -> None:
     t.monitor.log(p.global_step, stats, "train")
     say(t, f"step {p.global_step} epoch {p.epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.4g}  "
            f"{stats['images_per_s']:.0f} img/s  data wait {100 * stats['data_wait_fraction']:.0f}%")
-    if stats["data_wait_fraction"] > 0.10 and p.global_step > 2 * t.args.log_every and not t.warned_data_wait:
-        t.warned_data_wait = True
-        a.print(f"warning: {100 * stats['data_wait_fraction']:.0f}% of step time is spent waiting for data; "
-                f"raise --workers (now {t.args.workers}) or write pre-resized shards "
-                "(make-shards --max-side 500) so JPEG decoding is cheaper")
+    # Sustained, not one noisy interval: a busy neighbour or an epoch boundary is no reason to re-shard.
+    t.slow_data_intervals = t.slow_data_intervals + 1 if stats["data_wait_fraction"] > 0.10 else 0
+    if t.slow_data_intervals == 3 and not t.warned_data_wait:
+        t.warned_data_wait = True  # once per run
+        a.print(f"warning: over 10% of step time has been spent waiting for data for {3 * t.args.log_every} "
+                f"steps; raise --workers (now {t.args.workers}) or write pre-resized shards "
+                "(make-shards --max-side 320) so JPEG decoding is cheaper")
 
 
 def loss_scale(accelerator) -> float:
@@ -931,12 +952,14 @@ def build_criterion(args) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(argv)
     adopt_slurm_ranks()
+    # First thing: a SIGTERM during start-up would otherwise kill the process, and a SIGUSR1 be lost.
+    # Loader workers forked later inherit the flag handler too.
+    stop = StopRequest()
     accelerator = make_accelerator(args)
     if args.evaluate:
         return evaluate_only(args, accelerator)
     if accelerator.is_main_process:
         write_run_info(args, accelerator, Path(args.output_dir))
-    stop = StopRequest()  # before any loader worker forks, so workers inherit the flag handler too
     trainer = build_trainer(args, accelerator, stop)
     accelerator.print(f"{args.arch}: {trainer.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
                       f"{args.batch_size * accelerator.num_processes * args.grad_accum}, "

@@ -226,3 +226,21 @@ def tensorboard_tags(logdir: Path) -> dict:
     acc = EventAccumulator(str(logdir), size_guidance={"images": 1})
     acc.Reload()
     return acc.Tags()
+
+
+def test_out_of_range_values_are_refused_also_from_a_recipe(tmp_path):
+    with pytest.raises(SystemExit):
+        T.parse_config(["--synthetic", "--batch-size", "0"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("workers: -1\n")
+    with pytest.raises(SystemExit):
+        T.parse_config(["--synthetic", "--config", str(recipe)])
+    proc = run(trainer("--synthetic", "--grad-accum", "0"), check=False, timeout=120)
+    assert proc.returncode == 2 and "--grad-accum must be an integer >= 1, got 0" in proc.stderr
+
+
+def test_a_global_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, digits_shards):
+    proc = run(trainer("--data-dir", digits_shards, *TINY, "--batch-size", "2000", "--workers", "0",
+                       "--output-dir", tmp_path), check=False, timeout=120)
+    assert proc.returncode != 0 and "1437 samples are fewer than one global batch (2000 x 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
