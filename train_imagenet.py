@@ -75,8 +75,15 @@ FAULT_NAN_AT_STEP = int(os.environ.get("RESNET_FAULT_NAN_AT_STEP", "-1"))  # thi
 # Configuration
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that answers a bad flag with one line, not the 30-line usage of every option first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML recipe; its keys are these options (dashes or underscores)")
     g = p.add_argument_group("data")
