@@ -719,8 +719,9 @@ class StepMeter:
         self.images += n
 
     def read(self, world_size: int) -> dict:
+        loss = self.loss_sum.item()  # waits for the device: the interval's queued GPU work is inside the timing
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        stats = {"loss": self.loss_sum.item() / max(self.batches, 1),
+        stats = {"loss": loss / max(self.batches, 1),
                  "images_per_s": self.images * world_size / elapsed, "data_wait_fraction": self.wait / elapsed}
         self.reset()
         return stats
