@@ -887,6 +887,11 @@ def finish(t: Trainer, reason: str | None) -> int:
         return stop_nonfinite(t)
     if reason == "signal":
         a.print(f"stopped by signal at step {p.global_step}; checkpoint written; resume with --resume auto")
+        # The checkpoint is safe; from here a stop request has nothing left to do. torchrun SIGTERMs the ranks
+        # still shutting down once one has exited 75, and Python restores the default (fatal) SIGTERM action
+        # during interpreter shutdown: ignoring it keeps every rank's exit code 75 instead of "killed".
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         return EXIT_REQUEUE
     final = {}
     if t.val_loader is not None:
