@@ -217,9 +217,15 @@ def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]
         progress = read_progress(ckpt / "progress.json")
         # Accelerate ignores an RNG state it cannot load, which would resume inexactly (or quietly
         # accept a file crafted to run code): load it first, as accelerate does, and fail here instead.
-        rng = load(ckpt / RNG_FILE.format(accelerator.process_index))
-        if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
-            raise ValueError("random states file holds no torch_manual_seed")
+        rng_file = ckpt / RNG_FILE.format(accelerator.process_index)
+        if rng_file.exists():
+            rng = load(rng_file)
+            if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
+                raise ValueError("random states file holds no torch_manual_seed")
+        else:  # the checksums passed, so it was never written: a run with more processes than the checkpoint's
+            print(f"warning: {ckpt} holds no RNG state for rank {accelerator.process_index} (written by fewer "
+                  "processes); this rank starts from a fresh one, so the run continues but not bit-exactly",
+                  flush=True)
         accelerator.load_state(str(ckpt))  # every file with weights_only=True (we register no custom objects)
         if ema is not None:
             ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,

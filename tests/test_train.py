@@ -244,3 +244,15 @@ def test_a_global_batch_larger_than_the_training_set_is_refused_before_training(
                        "--output-dir", tmp_path), check=False, timeout=120)
     assert proc.returncode != 0 and "1437 samples are fewer than one global batch (2000 x 1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path, digits_shards):
+    """Growing a run (more GPUs after a requeue) must not make its checkpoints unloadable."""
+    out = tmp_path / "run"
+    common = ["--data-dir", digits_shards, *TINY, "--workers", "0", "--epochs", "1", "--output-dir", out]
+    run(trainer(*common, "--batch-size", "64", "--max-steps", "5"))
+    grown = run(accelerate_launch(2, *common, "--batch-size", "32", "--max-steps", "8", "--resume", "auto"),
+                timeout=420).stdout
+    assert "holds no RNG state for rank 1 (written by fewer processes)" in grown
+    assert "at step 5 (epoch 0, batch 5)" in grown and re.search(r"final top1=\S+ top5=\S+ images=360 step=8", grown)
