@@ -346,6 +346,10 @@ class DeviceBatch:
             images, targets = self.mixup(images, labels)
         return images, labels, targets
 
+    def for_display(self, images: torch.Tensor) -> torch.Tensor:
+        """The first 32 normalised images back in [0, 1], for TensorBoard."""
+        return ((images[:32].float() * self.std + self.mean) / 255).clamp(0, 1)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
@@ -512,12 +516,17 @@ def check_replicas(accelerator, model) -> None:
                           f"warning: weights differ between ranks: {every.tolist()}")
 
 
+def plain_keys(state: dict) -> dict:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes: torchvision's names."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
 def export_model(accelerator, model, out: Path) -> None:
     """A plain state_dict (no `module.` / `_orig_mod.` prefixes) that torchvision's resnet loads strictly."""
     if not accelerator.is_main_process:
         return
     state = accelerator.unwrap_model(model).state_dict()
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v.detach().cpu() for k, v in state.items()}
+    state = {k: v.detach().cpu() for k, v in plain_keys(state).items()}
     tmp = out / ".model.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "model.pt")
@@ -642,7 +651,7 @@ def train_epoch(t: Trainer, epoch: int) -> str | None:
         meter.end_wait()
         images, labels, targets = t.prep(images, labels)
         if p.global_step == 0 and p.batch_in_epoch == 0:
-            t.monitor.image_grid(images_for_display(images), 0)
+            t.monitor.image_grid(t.prep.for_display(images), 0)
         with a.accumulate(t.model):
             loss = t.criterion(t.model(images), targets)
             if p.global_step == FAULT_NAN_AT_STEP:
@@ -750,12 +759,6 @@ def log_train(t: Trainer, meter: StepMeter) -> None:
 
 def loss_scale(accelerator) -> float:
     return float(accelerator.scaler.get_scale()) if accelerator.scaler is not None else 1.0
-
-
-def images_for_display(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images[:32].float() * std + mean).clamp(0, 1)
 
 
 def progress_bar(t: Trainer, epoch: int, total: int, initial: int):
@@ -920,7 +923,7 @@ def evaluate_only(args, accelerator) -> int:
         state = load_weights(weights, accelerator.device)
     except Exception as e:  # noqa: BLE001 -- a damaged or crafted file: one line, no traceback
         sys.exit(f"error: --evaluate {weights}: cannot load it ({one_line(e)}); only tensors are accepted")
-    model.load_state_dict({re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()})
+    model.load_state_dict(plain_keys(state))
     result = evaluate(model, val, DeviceBatch(args, accelerator.device, val.num_classes), accelerator)
     check_eval_count(result, val, accelerator)
     accelerator.print(f"final top1={result['top1']:.2f} top5={result['top5']:.2f} images={result['images']}")
