@@ -47,11 +47,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from .errors import DataError
 from .shards import IMAGE_KEY, LABEL_KEY, NAME_KEY
 from .sources import ShardSet, resolve_shards
+from .tarstream import tar_members
 from .transforms import TrainAugment, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def read_shard(url: str):
     """The samples of one tar shard, as dicts of undecoded bytes plus ``__key__`` and ``__url__``."""
     try:
         with wds.gopen(url, "rb") as stream:
-            yield from group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+            yield from group_by_keys(tar_members(stream, url))
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         raise DataError(f"cannot read shard {url}: {e}") from None
 
