@@ -49,6 +49,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from .batch_buffers import BatchBuffers, BufferedBatch
 from .errors import DataError
 from .shards import IMAGE_KEY, LABEL_KEY, NAME_KEY
 from .sources import ShardSet, resolve_shards
@@ -93,7 +94,7 @@ def _seeded(seed: int):
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA/XPU/MTIA seeding, ~0.6 ms
     try:
         yield
     finally:
@@ -133,7 +134,8 @@ class BadSampleCounter:
 
 
 def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampleCounter):
-    """Decode and transform ``raw`` samples; returns (images, labels, number of bad samples skipped)."""
+    """Decode and transform ``raw`` samples; returns (list of images, list of labels, number of bad
+    samples skipped)."""
     images, labels, bad_url = [], [], None
     for s in raw:
         try:
@@ -150,9 +152,7 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
             bad_url = s.get("__url__")
     bad = len(raw) - len(images)
     counter.add(bad, len(raw), bad_url)
-    if not images:
-        return None, None, bad
-    return _stack(images), torch.tensor(labels, dtype=torch.int64), bad
+    return images, labels, bad
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
@@ -196,6 +196,7 @@ class _TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.batch_size, self.num_batches = loader.batch_size, loader.num_batches
         self.shuffle_buffer, self.state, self.counter = loader.shuffle_buffer, loader._state, loader._counter
+        self.buffers = loader._buffers
 
     def __iter__(self):
         # Read (epoch, start_batch) when the iterator is made, which a DataLoader does in every worker
@@ -249,19 +250,20 @@ class _TrainStream(IterableDataset):
                 continue  # resume: read past, never decode
             with _seeded(_rng("augment", self.seed, epoch, slot, m).getrandbits(63)):
                 images, labels, bad = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
-            if images is None:
+            if not images:
                 raise DataError(f"every sample of a batch is corrupt (shard {raw[-1]['__url__']})")
             if bad:  # refill from the good samples of this batch: batch stays full, resume stays exact
-                index = torch.arange(B) % len(labels)
-                images, labels = images[index], labels[index]
-            yield images, labels
+                images, labels = ([x[i % len(x)] for i in range(B)] for x in (images, labels))
+            batch = self.buffers.fill(_worker()[0], images, labels) if self.buffers else None
+            yield batch or (_stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
 class TrainLoader:
     """``len(self)`` full batches per epoch on every rank; see the module docstring for the guarantees."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 seed: int, transform, max_bad_fraction: float, shuffle_buffer: int = SHUFFLE_BUFFER):
+                 seed: int, transform, image_size: int, max_bad_fraction: float,
+                 shuffle_buffer: int = SHUFFLE_BUFFER):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
@@ -270,6 +272,10 @@ class TrainLoader:
         self._state = multiprocessing.Array("q", 2, lock=False)  # (epoch, start_batch), read by the workers
         self._counter = BadSampleCounter(max_bad_fraction)
         self._epoch, self._start = 0, 0
+        # ``transform`` makes 3 x image_size x image_size uint8 images; a worker that gets anything else
+        # sends it the DataLoader's way (BatchBuffers.fill)
+        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, image_size, image_size)) \
+            if num_workers > 0 else None
         self._loader = DataLoader(_TrainStream(shards, self, transform), batch_size=None,
                                   num_workers=num_workers, persistent_workers=num_workers > 0,
                                   pin_memory=torch.cuda.is_available())
@@ -296,7 +302,7 @@ class TrainLoader:
         try:
             for batch in self._loader:
                 n += 1
-                yield batch
+                yield batch.batch() if isinstance(batch, BufferedBatch) else batch
         except DataError as e:
             raise DataError(_one_line(e)) from None
         if n != self.num_batches - start:  # cannot happen by construction; a hang in DDP would be worse
@@ -329,8 +335,8 @@ class _ValStream(IterableDataset):
         samples = (s for url in mine for s in read_shard(url))
         while raw := list(islice(samples, self.batch_size)):
             images, labels, _ = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
-            if images is not None:
-                yield images, labels
+            if images:
+                yield _stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 class ValLoader:
@@ -372,7 +378,7 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
     _check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                       seed=seed, transform=train_transform(image_size, augment),
+                       seed=seed, transform=train_transform(image_size, augment), image_size=image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer)
 
 

@@ -1,0 +1,99 @@
+"""data/batch_buffers.py: reused shared-memory batch buffers give the same batches as the DataLoader's
+own hand-off, never overwrite a batch (or a view of one) the caller still holds, and do not leak."""
+
+import gc
+
+import pytest
+import torch
+
+import data.batch_buffers
+from data import build_train_loader
+from data.batch_buffers import BUFFERS_PER_WORKER, BatchBuffers, BufferedBatch
+
+WORKERS = 2
+
+
+def loader(shards, **kw):
+    return build_train_loader(shards, batch_size=16, num_workers=WORKERS, image_size=32, seed=1, **kw)
+
+
+def epoch(ld, e, *, keep=False):
+    """Epoch ``e``'s batches: the yielded tensors themselves with ``keep``, else copies."""
+    ld.set_epoch(e)
+    return [(x, y) if keep else (x.clone(), y.clone()) for x, y in ld]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(digits_shards):
+    """Epochs 0 and 1 through the DataLoader's own hand-off (no buffers)."""
+    create = BatchBuffers.create
+    BatchBuffers.create = classmethod(lambda cls, *a: None)
+    try:
+        ld = loader(digits_shards)
+        assert ld._buffers is None
+        return [epoch(ld, 0), epoch(ld, 1)]
+    finally:
+        BatchBuffers.create = create
+
+
+def test_buffered_batches_equal_plain_ones_and_buffers_come_back(digits_shards, reference):
+    ld = loader(digits_shards)
+    assert ld._buffers is not None
+    assert same(epoch(ld, 0), reference[0])  # copies: every buffer is reused many times
+    assert ld._buffers.in_use() == 0
+    held = epoch(ld, 1, keep=True)  # holding all 89 batches: buffers run out and workers fall back
+    assert same(held, reference[1])
+    assert ld._buffers.in_use() == WORKERS * BUFFERS_PER_WORKER
+    del held
+    gc.collect()
+    assert ld._buffers.in_use() == 0
+
+
+def test_a_view_keeps_its_buffer_from_being_reused(digits_shards, reference):
+    ld = loader(digits_shards)
+    ld.set_epoch(0)
+    views = []
+    for x, _ in ld:
+        views.append(x[3:5])  # the batch itself is dropped; only a view of it lives on
+    assert all(torch.equal(v, x[3:5]) for v, (x, _) in zip(views, reference[0]))
+
+
+def test_an_epoch_cut_short_frees_the_buffers_of_batches_never_read(digits_shards, reference):
+    ld = loader(digits_shards)
+    ld.set_epoch(0)
+    for i, batch in enumerate(ld):
+        if i == 2:
+            break  # the DataLoader still holds prefetched batches; the next epoch discards them
+    del batch
+    assert same(epoch(ld, 1), reference[1])
+    gc.collect()
+    assert ld._buffers.in_use() == 0
+
+
+def test_pinning_copies_the_batch_and_frees_the_buffer(digits_shards, monkeypatch, reference):
+    # the DataLoader's pin-memory thread calls BufferedBatch.pin_memory; on this CPU-only machine a
+    # copy stands in for pinned memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: self.clone())
+    ld = loader(digits_shards)
+    ld.set_epoch(0)
+    raw = next(iter(ld._loader))  # what the workers send, before the pin-memory thread would see it
+    assert isinstance(raw, BufferedBatch)
+    busy = raw.worker * BUFFERS_PER_WORKER + raw.k
+    assert ld._buffers.busy[busy] == 1
+    images, labels = raw.pin_memory()
+    assert torch.equal(images, reference[0][0][0]) and torch.equal(labels, reference[0][0][1])
+    assert ld._buffers.busy[busy] == 0  # the copy holds no buffer
+
+
+def test_no_buffers_when_shared_memory_is_short(digits_shards, monkeypatch, reference):
+    class Tiny:
+        f_bavail, f_frsize = 100, 4096
+
+    monkeypatch.setattr(data.batch_buffers.os, "statvfs", lambda path: Tiny)
+    ld = loader(digits_shards)
+    assert ld._buffers is None
+    assert same(epoch(ld, 0), reference[0])
