@@ -10,10 +10,13 @@ workers ("per core"; it holds up on a shared machine where the wall clock does n
 
   (a) decode only: PIL decodes each JPEG in full and converts to RGB, N processes (the usual limit)
   (b) ours: shards -> train loader (RandomResizedCrop 224 + flip, uint8 batches), N workers; also
-      with timm's PIL crop in place of ours, on shards re-encoded with --max-side, and (a) for those
+      with timm's PIL crop in place of ours, with the DataLoader's own worker -> main hand-off in
+      place of our batch buffers, on shards re-encoded with --max-side, and (a) for those
   (c) torchvision ImageFolder + DataLoader, RandomResizedCrop 224, flip, ToTensor, Normalize, N workers
 
-Not a test: it prints a Markdown table for docs/benchmarks.md.
+With --stages it also prints where (b)'s CPU time goes: each stage alone, in this process.
+
+Not a test: it prints Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -167,6 +170,64 @@ def _timm_crop(loader):
     return loader
 
 
+def _without_buffers(loader):
+    """The same loader sending batches the DataLoader's way (a new shared-memory segment per batch)."""
+    loader._loader.dataset.buffers = None  # bench only: before the workers start
+    return loader
+
+
+def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
+    """CPU milliseconds per image of each stage of (b), alone, in this process (best of ``reps``)."""
+    import torchvision.transforms.v2.functional as F2
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from data.pipeline import read_shard
+    from data.transforms import TrainAugment, _decode_jpeg, train_transform
+
+    urls = sorted(str(p) for p in shards.glob("train-*.tar"))
+    blobs = [s["jpg"] for u in urls for s in read_shard(u)]
+    decoded = [_decode_jpeg(b) for b in blobs[:20]]
+    tf = train_transform(224, TrainAugment())
+    crop = tf.transforms[0]
+
+    def wds_read():
+        for u in urls:
+            with open(u, "rb") as f:
+                yield from group_by_keys({**m, "__url__": u} for m in tar_file_iterator(f))
+
+    boxes = [crop.get_params(decoded[k % len(decoded)], crop.scale, crop.ratio) for k in range(len(blobs))]
+
+    def resize_all() -> int:  # real random crops, from already decoded images
+        for k, (i, j, h, w) in enumerate(boxes):
+            F2.resize(decoded[k % len(decoded)][:, i:i + h, j:j + w], [224, 224], antialias=True)
+        return len(boxes)
+
+    def each(fn):  # results are dropped at once, as in a loader (keeping them all would add page faults)
+        def stage() -> int:
+            for b in blobs:
+                fn(b)
+            return len(blobs)
+        return stage
+
+    stages = {
+        "read tar shards, webdataset's reader (tarfile)": lambda: sum(1 for _ in wds_read()),
+        "read tar shards, ours (data/tarstream.py)": lambda: sum(1 for u in urls for _ in read_shard(u)),
+        "PIL decode to RGB, as (a)": each(lambda b: _decode_chunk([b])),
+        "torchvision decode_jpeg (libjpeg-turbo)": each(_decode_jpeg),
+        "crop + antialiased uint8 resize to 224 (torch)": resize_all,
+        "whole per-image transform (decode, crop, resize, flip)": each(tf),
+    }
+    costs = {}
+    for name, stage in stages.items():
+        best = float("inf")
+        for _ in range(reps):
+            cpu = time.process_time()
+            n = stage()
+            best = min(best, (time.process_time() - cpu) / n * 1e3)
+        costs[name] = best
+    return costs
+
+
 def run(args) -> None:
     workers = args.workers
     torch.set_num_threads(1)
@@ -181,6 +242,7 @@ def run(args) -> None:
         f"(a') decode only, PIL, --max-side {args.max_side}": lambda: decode_only(pool, smalls, workers),
         "(b) ours: shards -> uint8 batch": ours(work / "shards"),
         "(b) ours with timm's RandomResizedCrop (PIL)": _timm_crop(ours(work / "shards")),
+        "(b) ours with the DataLoader's own hand-off": _without_buffers(ours(work / "shards")),
         f"(b) ours, shards with --max-side {args.max_side}": ours(work / "shards_small"),
         "(c) torchvision ImageFolder + DataLoader": torchvision_loader(folder, args.batch_size, workers),
     }
@@ -192,6 +254,11 @@ def run(args) -> None:
             rates[name].append(case() if callable(case) else loader_rate(case))
     median = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in rates.items()}
     report(args, files, originals, smalls, median, workers)
+    if args.stages:
+        print("\n| stage of (b), alone, one process | CPU ms per image |")
+        print("|---|---:|")
+        for name, ms in stage_costs(work / "shards").items():
+            print(f"| {name} | {ms:.3f} |")
 
 
 def report(args, files, originals, smalls, rate: dict, workers: int) -> None:
@@ -222,6 +289,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-side", type=int, default=320, help="re-encoding size to compare (default 320)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", help="folder for images and shards (default: a new temporary folder)")
+    p.add_argument("--stages", action="store_true", help="also time each stage of (b) alone")
     run(p.parse_args(argv))
 
 
