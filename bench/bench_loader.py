@@ -178,11 +178,10 @@ def _without_buffers(loader):
 
 def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
     """CPU milliseconds per image of each stage of (b), alone, in this process (best of ``reps``)."""
-    import torchvision.transforms.v2.functional as F2
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     from data.pipeline import read_shard
-    from data.transforms import TrainAugment, _decode_jpeg, train_transform
+    from data.transforms import TrainAugment, _decode_jpeg, resize_crop, train_transform
 
     urls = sorted(str(p) for p in shards.glob("train-*.tar"))
     blobs = [s["jpg"] for u in urls for s in read_shard(u)]
@@ -198,9 +197,13 @@ def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
     boxes = [crop.get_params(decoded[k % len(decoded)], crop.scale, crop.ratio) for k in range(len(blobs))]
 
     def resize_all() -> int:  # real random crops, from already decoded images
-        for k, (i, j, h, w) in enumerate(boxes):
-            F2.resize(decoded[k % len(decoded)][:, i:i + h, j:j + w], [224, 224], antialias=True)
+        for k, box in enumerate(boxes):
+            resize_crop(decoded[k % len(decoded)], box, (224, 224))
         return len(boxes)
+
+    def pil_load(b: bytes) -> None:  # (a) without its copy: convert("RGB") copies an RGB image
+        with Image.open(io.BytesIO(b)) as img:
+            img.load()
 
     def each(fn):  # results are dropped at once, as in a loader (keeping them all would add page faults)
         def stage() -> int:
@@ -212,9 +215,10 @@ def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
     stages = {
         "read tar shards, webdataset's reader (tarfile)": lambda: sum(1 for _ in wds_read()),
         "read tar shards, ours (data/tarstream.py)": lambda: sum(1 for u in urls for _ in read_shard(u)),
-        "PIL decode to RGB, as (a)": each(lambda b: _decode_chunk([b])),
+        "PIL decode to RGB, as (a) (and torchvision's pil_loader)": each(lambda b: _decode_chunk([b])),
+        "PIL decode, load() only": each(pil_load),
         "torchvision decode_jpeg (libjpeg-turbo)": each(_decode_jpeg),
-        "crop + antialiased uint8 resize to 224 (torch)": resize_all,
+        "crop + antialiased uint8 resize to 224, channels_last (torch)": resize_all,
         "whole per-image transform (decode, crop, resize, flip)": each(tf),
     }
     costs = {}

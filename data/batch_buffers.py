@@ -34,18 +34,20 @@ _LIVE: weakref.WeakValueDictionary[str, "BatchBuffers"] = weakref.WeakValueDicti
 
 
 class BatchBuffers:
-    """``workers x BUFFERS_PER_WORKER`` batch buffers of ``batch_shape`` (uint8), made in the main
-    process before the workers start; pickled into spawned workers as shared memory."""
+    """``workers x BUFFERS_PER_WORKER`` uint8 buffers for ``[B, C, H, W]`` batches in channels_last memory
+    (what the image transforms make, so a fill is a plain copy), made in the main process before the
+    workers start; pickled into spawned workers as shared memory."""
 
-    def __init__(self, workers: int, batch_shape: tuple[int, ...]):
-        self.pool = torch.empty((workers, BUFFERS_PER_WORKER, *batch_shape), dtype=torch.uint8).share_memory_()
+    def __init__(self, workers: int, batch_shape: tuple[int, int, int, int]):
+        b, c, h, w = batch_shape
+        self.pool = torch.empty((workers, BUFFERS_PER_WORKER, b, h, w, c), dtype=torch.uint8).share_memory_()
         self.busy = multiprocessing.Array("b", workers * BUFFERS_PER_WORKER, lock=False)
         self.token = uuid.uuid4().hex
         self._array = self.pool.numpy()
         _LIVE[self.token] = self
 
     @classmethod
-    def create(cls, workers: int, batch_shape: tuple[int, ...]) -> "BatchBuffers | None":
+    def create(cls, workers: int, batch_shape: tuple[int, int, int, int]) -> "BatchBuffers | None":
         """The buffers, or None (with a log line) if they would take over half the free shared memory:
         the loader then sends every batch the DataLoader's way."""
         need = workers * BUFFERS_PER_WORKER * int(torch.Size(batch_shape).numel())
@@ -67,13 +69,13 @@ class BatchBuffers:
 
     def fill(self, worker: int, images: list[torch.Tensor], labels: list[int]) -> "BufferedBatch | None":
         """In worker ``worker``: stack ``images`` into one of its free buffers; None if all are in use."""
-        if torch.Size((len(images), *images[0].shape)) != self.pool.shape[2:] or images[0].dtype != torch.uint8:
+        if (len(images), *images[0].shape) != _nchw(self.pool[0, 0]).shape or images[0].dtype != torch.uint8:
             return None
         for k in range(BUFFERS_PER_WORKER):
             i = worker * BUFFERS_PER_WORKER + k
             if not self.busy[i]:
                 self.busy[i] = 1
-                torch.stack(images, out=self.pool[worker, k])
+                torch.stack(images, out=_nchw(self.pool[worker, k]))
                 return BufferedBatch(self.token, worker, k, labels)
         return None
 
@@ -82,6 +84,10 @@ class BatchBuffers:
 
     def in_use(self) -> int:
         return sum(self.busy)
+
+
+def _nchw(nhwc: torch.Tensor) -> torch.Tensor:
+    return nhwc.permute(0, 3, 1, 2)
 
 
 class BufferedBatch:
@@ -103,7 +109,7 @@ class BufferedBatch:
         array = buffers._array[self.worker, self.k]  # a new numpy view, kept alive by the tensor's storage
         weakref.finalize(array, buffers.release, self.worker, self.k)
         self._taken = True
-        return torch.from_numpy(array), torch.tensor(self.labels, dtype=torch.int64)
+        return _nchw(torch.from_numpy(array)), torch.tensor(self.labels, dtype=torch.int64)
 
     def pin_memory(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the DataLoader's pin-memory thread calls: pinned copies; the buffer is free again."""

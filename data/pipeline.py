@@ -1,7 +1,7 @@
 """Training and validation loaders over our WebDataset shards.
 
-Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` (normalise on
-the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in; nothing here needs
+Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` in channels_last
+memory (normalise on the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in; nothing here needs
 ``torch.distributed``. The loaders are plain iterables: do not pass them through ``accelerator.prepare``.
 
 Training (``build_train_loader``)
@@ -156,13 +156,16 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """[3, H, W] images -> one [B, 3, H, W] batch in channels_last memory, in shared memory in a worker."""
+    (c, h, w), n = images[0].shape, len(images)
     if get_worker_info() is None:
-        return torch.stack(images)
-    # As torch's default_collate does in workers: build the batch in shared memory, which saves
-    # the copy into shared memory when the batch is sent to the main process.
-    storage = images[0].untyped_storage()._new_shared(len(images) * images[0].nbytes)
-    out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(len(images), *images[0].shape)
-    return torch.stack(images, out=out)
+        out = torch.empty((n, h, w, c), dtype=images[0].dtype)
+    else:
+        # As torch's default_collate does in workers: build the batch in shared memory, which saves
+        # the copy into shared memory when the batch is sent to the main process.
+        storage = images[0].untyped_storage()._new_shared(n * images[0].nbytes)
+        out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(n, h, w, c)
+    return torch.stack(images, out=out.permute(0, 3, 1, 2))
 
 
 def _worker() -> tuple[int, int]:

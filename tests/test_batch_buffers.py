@@ -47,6 +47,7 @@ def test_buffered_batches_equal_plain_ones_and_buffers_come_back(digits_shards, 
     assert ld._buffers.in_use() == 0
     held = epoch(ld, 1, keep=True)  # holding all 89 batches: buffers run out and workers fall back
     assert same(held, reference[1])
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in held + reference[0])
     assert ld._buffers.in_use() == WORKERS * BUFFERS_PER_WORKER
     del held
     gc.collect()

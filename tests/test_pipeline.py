@@ -59,13 +59,15 @@ def _epoch(loader, epoch=None, start=0):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-def test_batches_are_uint8_images_with_the_right_labels(shards):
-    loader = _train(shards, num_workers=2)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_uint8_images_with_the_right_labels(shards, workers):
+    loader = _train(shards, num_workers=workers)
     assert (len(loader), loader.num_samples, loader.num_classes, loader.batch_size) == (15, 60, 3, 4)
     batches = _epoch(loader)
     assert len(batches) == 15
     for x, y in batches:
         assert x.dtype == torch.uint8 and x.shape == (4, 3, SIZE, SIZE) and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)  # as the transforms make them: no transpose
         assert [i % NUM_CLASSES for i in _ids(x)] == y.tolist()
     ids = [i for x, _ in batches for i in _ids(x)]
     assert sorted(ids) == list(TRAIN_IDS)  # 60 samples, 15 x 4: one full pass, nothing repeated
@@ -103,6 +105,7 @@ def test_every_validation_sample_is_read_by_exactly_one_rank(shards, world_size,
         assert loader.num_samples == len(VAL_IDS)
         ids = [i for x, _ in batches for i in _ids(x)]
         assert [y for _, ys in batches for y in ys.tolist()] == [i % NUM_CLASSES for i in ids]
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
         per_rank.append(ids)
     everything = [i for ids in per_rank for i in ids]
     assert sorted(everything) == list(VAL_IDS)  # union is the split, and no id twice
