@@ -48,7 +48,7 @@ class BatchBuffers:
 
     @classmethod
     def create(cls, workers: int, batch_shape: tuple[int, int, int, int]) -> "BatchBuffers | None":
-        """The buffers, or None (with a log line) if they would take over half the free shared memory:
+        """The buffers, or None (with a warning) if they would take over half the free shared memory:
         the loader then sends every batch the DataLoader's way."""
         need = workers * BUFFERS_PER_WORKER * int(torch.Size(batch_shape).numel())
         try:
@@ -57,8 +57,10 @@ class BatchBuffers:
         except OSError:
             return None
         if need > free // 2:
-            log.info("batch buffers need %.1f GB of %s, %.1f GB free: not using them", need / 1e9, SHM_DIR,
-                     free / 1e9)
+            # a warning, not info: the trainer shows warnings, and this costs throughput the user can get back
+            log.warning("loader batch buffers would need %.1f GB of %s, %.1f GB free: using the DataLoader's "
+                        "slower per-batch segments instead (give %s more room, e.g. docker --shm-size)",
+                        need / 1e9, SHM_DIR, free / 1e9, SHM_DIR)
             return None
         return cls(workers, batch_shape)
 

@@ -90,11 +90,13 @@ def test_pinning_copies_the_batch_and_frees_the_buffer(digits_shards, monkeypatc
     assert ld._buffers.busy[busy] == 0  # the copy holds no buffer
 
 
-def test_no_buffers_when_shared_memory_is_short(digits_shards, monkeypatch, reference):
+def test_no_buffers_when_shared_memory_is_short(digits_shards, monkeypatch, reference, caplog):
     class Tiny:
         f_bavail, f_frsize = 100, 4096
 
     monkeypatch.setattr(data.batch_buffers.os, "statvfs", lambda path: Tiny)
     ld = loader(digits_shards)
     assert ld._buffers is None
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "/dev/shm" in r.getMessage()]
+    assert len(warned) == 1 and "0.0 GB free" in warned[0].getMessage()  # one line, with the figures
     assert same(epoch(ld, 0), reference[0])
