@@ -40,6 +40,7 @@ class BatchBuffers:
 
     def __init__(self, workers: int, batch_shape: tuple[int, int, int, int]):
         b, c, h, w = batch_shape
+        self.batch_shape = torch.Size(batch_shape)
         self.pool = torch.empty((workers, BUFFERS_PER_WORKER, b, h, w, c), dtype=torch.uint8).share_memory_()
         self.busy = multiprocessing.Array("b", workers * BUFFERS_PER_WORKER, lock=False)
         self.token = uuid.uuid4().hex
@@ -71,13 +72,13 @@ class BatchBuffers:
 
     def fill(self, worker: int, images: list[torch.Tensor], labels: list[int]) -> "BufferedBatch | None":
         """In worker ``worker``: stack ``images`` into one of its free buffers; None if all are in use."""
-        if (len(images), *images[0].shape) != _nchw(self.pool[0, 0]).shape or images[0].dtype != torch.uint8:
+        if (len(images), *images[0].shape) != self.batch_shape or images[0].dtype != torch.uint8:
             return None
         for k in range(BUFFERS_PER_WORKER):
             i = worker * BUFFERS_PER_WORKER + k
             if not self.busy[i]:
                 self.busy[i] = 1
-                torch.stack(images, out=_nchw(self.pool[worker, k]))
+                torch.stack(images, out=nchw(self.pool[worker, k]))
                 return BufferedBatch(self.token, worker, k, labels)
         return None
 
@@ -88,7 +89,8 @@ class BatchBuffers:
         return sum(self.busy)
 
 
-def _nchw(nhwc: torch.Tensor) -> torch.Tensor:
+def nchw(nhwc: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, W, C]`` tensor as the ``[B, C, H, W]`` channels_last view that the loaders yield."""
     return nhwc.permute(0, 3, 1, 2)
 
 
@@ -111,7 +113,7 @@ class BufferedBatch:
         array = buffers._array[self.worker, self.k]  # a new numpy view, kept alive by the tensor's storage
         weakref.finalize(array, buffers.release, self.worker, self.k)
         self._taken = True
-        return _nchw(torch.from_numpy(array)), torch.tensor(self.labels, dtype=torch.int64)
+        return nchw(torch.from_numpy(array)), torch.tensor(self.labels, dtype=torch.int64)
 
     def pin_memory(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the DataLoader's pin-memory thread calls: pinned copies; the buffer is free again."""

@@ -1,8 +1,9 @@
 """Training and validation loaders over our WebDataset shards.
 
 Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` in channels_last
-memory (normalise on the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in; nothing here needs
-``torch.distributed``. The loaders are plain iterables: do not pass them through ``accelerator.prepare``.
+memory (normalise on the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in;
+nothing here needs ``torch.distributed``. The loaders are plain iterables: do not pass them through
+``accelerator.prepare``.
 
 Training (``build_train_loader``)
     Every rank yields exactly ``len(loader) = num_samples // (batch_size * world_size)`` full batches
@@ -49,7 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from .batch_buffers import BatchBuffers, BufferedBatch
+from .batch_buffers import BatchBuffers, BufferedBatch, nchw
 from .errors import DataError
 from .shards import IMAGE_KEY, LABEL_KEY, NAME_KEY
 from .sources import ShardSet, resolve_shards
@@ -165,7 +166,7 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
         # the copy into shared memory when the batch is sent to the main process.
         storage = images[0].untyped_storage()._new_shared(n * images[0].nbytes)
         out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(n, h, w, c)
-    return torch.stack(images, out=out.permute(0, 3, 1, 2))
+    return torch.stack(images, out=nchw(out))
 
 
 def _worker() -> tuple[int, int]:
