@@ -4,7 +4,6 @@ import io
 import json
 import tarfile
 
-import pytest
 import sklearn  # noqa: F401  (a declared test dependency: missing, it is an error, never a skip)
 from PIL import Image
 
