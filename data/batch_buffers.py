@@ -1,9 +1,9 @@
 """Training batches in shared-memory buffers that each loader worker fills again and again.
 
 Why not the DataLoader's own hand-off: a worker sends every batch in a new shared-memory segment,
-which the kernel maps and zeroes one 4 KiB page fault at a time and unmaps once the batch is freed.
-On a 2-core VM that costs 0.13 ms per 224-px image, about 7 % of the image's CPU time (torch's
-default collate pays the same; docs/benchmarks.md). Here each worker owns ``BUFFERS_PER_WORKER``
+which the kernel maps and zeroes one 4 KiB page fault at a time and unmaps once the batch is freed
+(torch's default collate pays the same; what it costs: docs/benchmarks.md, "Data loader", the row
+with the DataLoader's own hand-off). Here each worker owns ``BUFFERS_PER_WORKER``
 fixed buffers. It stacks a batch into a free one and sends only the buffer's number and the labels (as
 a list: a tensor, however small, travels in a shared-memory segment of its own); the main process
 wraps the buffer in a tensor without copying. The buffer goes back to its worker when the last

@@ -5,5 +5,10 @@ class DataError(Exception):
     """A problem with the input data or output location, explained in one line that names the path.
 
     The CLI prints it as ``error: ...`` and exits 2; the loaders raise it at construction time
-    (missing files, too few shards) or while iterating (too many corrupt samples).
+    (missing files, too few shards) or while iterating (too many corrupt samples). Messages name the
+    library's parameters, never a command-line flag: the CLIs say their own flags.
     """
+
+
+class OutputExists(DataError):
+    """The output folder already holds shards, and the caller did not ask to overwrite them."""

@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from .errors import DataError
+from .errors import DataError, OutputExists
 from .shards import SKIPPED_FILE, WriterConfig, write_dataset
 
 
@@ -50,14 +50,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags themselves, in their own names (the library names its parameters)."""
+    if not args.train_dir and not args.val_dir:
+        return "nothing to do: give --train-dir and/or --val-dir"
+    if args.val_labels and not args.val_dir:
+        return f"--val-labels {args.val_labels} needs --val-dir (the flat folder it labels)"
+    if args.shard_size < 1:
+        return f"--shard-size must be at least 1, got {args.shard_size}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = WriterConfig(shard_size=args.shard_size, max_side=args.max_side, quality=args.quality,
                        workers=max(1, args.workers))
     try:
+        problem = flag_problem(args)
+        if problem:
+            raise DataError(problem)
         results = write_dataset(args.out, args.train_dir, args.val_dir, args.val_labels, cfg, args.overwrite)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = " (pass --overwrite to replace them)" if isinstance(e, OutputExists) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     for r in results:
         print(f"{r.name}: {r.num_samples} written in {len(r.filenames)} shards, {len(r.skipped)} skipped")

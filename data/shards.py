@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, OutputExists
 
 IMAGE_KEY = "jpg"
 LABEL_KEY = "cls"
@@ -267,7 +267,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     ours = [p for p in out.glob("*") if p.name in (INFO_FILE, CLASSES_FILE, SKIPPED_FILE)
             or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)] if out.is_dir() else []
     if ours and not overwrite:
-        raise DataError(f"output folder already holds shards: {out} (pass --overwrite to replace them)")
+        raise OutputExists(f"output folder already holds shards: {out}")
     for p in ours:
         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -294,9 +294,9 @@ def _split_items(train_dir, val_dir, val_labels):
     """The classes and, per split, the (relative path, label) list to write, in output order."""
     train_dir, val_dir = (Path(d) if d else None for d in (train_dir, val_dir))
     if train_dir is None and val_dir is None:
-        raise DataError("nothing to do: give --train-dir and/or --val-dir")
+        raise DataError("nothing to do: give train_dir and/or val_dir")
     if val_labels and val_dir is None:
-        raise DataError(f"--val-labels {val_labels} needs --val-dir (the flat folder it labels)")
+        raise DataError(f"val_labels {val_labels} needs val_dir (the flat folder it labels)")
     classes = list_classes(train_dir) if train_dir else None
     splits = []
     if train_dir:
@@ -316,7 +316,7 @@ def write_dataset(out, train_dir=None, val_dir=None, val_labels=None, cfg: Write
                   overwrite: bool = False) -> list[SplitResult]:
     """Write the shards, class list, skipped-file report and manifest of both splits into ``out``."""
     if cfg.shard_size < 1:
-        raise DataError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+        raise DataError(f"shard_size must be at least 1, got {cfg.shard_size}")
     classes, splits = _split_items(train_dir, val_dir, val_labels)
     out = Path(out)
     prepare_output(out, overwrite)

@@ -89,6 +89,10 @@ def _check_exist(urls) -> None:
 
 def resolve_shards(source, split: str, info: str | None = None) -> ShardSet:
     """The ShardSet of ``split`` in ``source``; raises DataError naming any missing file."""
+    single = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if single and _is_local(single) and "{" not in single and "::" not in single \
+            and not os.path.exists(_local_path(single)):
+        raise DataError(f"no such shard folder or file: {_local_path(single)} (expected the output of make-shards)")
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         root = os.fspath(source)
         manifest, num_classes = _load_manifest(info or os.path.join(root, INFO_FILE))

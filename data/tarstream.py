@@ -1,9 +1,9 @@
 """The members of a tar shard, read straight from its byte stream.
 
 Why not webdataset's ``tar_file_iterator``: it goes through Python's ``tarfile``, which builds a full
-TarInfo for every member (~15 us per header) and copies data through its own stream buffer. On our
-shards (three members per sample) that is 0.125 ms per sample, ~6 % of a training image's CPU time;
-this reader takes ~0.02 ms (docs/benchmarks.md). It reads what tar writers produce
+TarInfo for every member and copies data through its own stream buffer; on our shards (three members
+per sample) this reader costs a fraction of that (both measured in docs/benchmarks.md, "Data loader",
+the stage table). It reads what tar writers produce
 for shards (ustar, GNU long names, pax headers) and checks every header's checksum; a stream that
 does not start with a tar header (``.tar.gz`` and other compressed shards) goes to webdataset's
 reader, which decompresses.

@@ -7,7 +7,7 @@ Two ways to decode less expensively, both choosing the random crop first, from t
 
 - the common case (crop not much larger than the output, bilinear/bicubic, no PIL-only transform
   after it): torchvision's libjpeg-turbo decoder straight into a tensor, then an antialiased uint8
-  resize in torch; measured ~25% faster to decode than PIL and ~2x faster to resize;
+  resize in torch, cheaper than timm's PIL crop and resize (docs/benchmarks.md, "Data loader");
 - a crop at least twice the output size: PIL's ``draft`` decodes at 1/2, 1/4 or 1/8 scale in the
   DCT domain, a fraction of a full decode (large photos, or low-resolution training).
 """
@@ -79,8 +79,9 @@ def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: tuple
     in channels_last memory.
 
     torch's fast uint8 resize works on a contiguous channels_last crop and returns one; the decoder's
-    output is HWC memory already, and the batch keeps that layout: 0.29 -> 0.20 ms per 224-px image
-    against resizing the plain crop view and making the result contiguous (measured).
+    output is HWC memory already, and the batch keeps that layout; cheaper than resizing the plain crop
+    view and making the result contiguous (the A/B is in commit d8513d3; the resize's cost in
+    docs/benchmarks.md's stage table).
     """
     i, j, h, w = box
     crop = image[None, :, i:i + h, j:j + w].contiguous(memory_format=torch.channels_last)

@@ -225,6 +225,15 @@ def test_missing_files_raise_before_training_naming_the_file(shards, tmp_path):
         _train("pipe:cat train-000000.tar")
 
 
+def test_a_missing_folder_is_named_as_such_not_as_a_missing_manifest_inside_it(tmp_path):
+    """The one rule for "is this a local path" is data.sources'; the trainer relies on it for --data-dir."""
+    for source in (tmp_path / "nowhere", str(tmp_path / "nowhere"), f"file:{tmp_path}/nowhere"):
+        with pytest.raises(DataError, match=f"^no such shard folder or file: {tmp_path}/nowhere "):
+            _train(source)
+    with pytest.raises(DataError, match="shard manifest not found"):  # a pattern: its shards may be remote
+        _train(str(tmp_path / "nowhere" / "train-{000000..000001}.tar"))
+
+
 def test_fewer_shards_than_ranks_times_workers_still_gives_equal_steps_without_repeats(shards):
     source = str(shards / "train-{000000..000001}.tar")  # 2 shards, 10 samples, for 2 ranks x 2 workers
     ids = []

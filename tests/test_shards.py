@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from data import DataError
+from data.errors import OutputExists
 from data.make_shards import main as make_shards
 from data.shards import WriterConfig, write_dataset
 
@@ -179,9 +180,25 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     assert "train: 6 written in 6 shards, 0 skipped" in capsys.readouterr().out
 
 
+def test_library_errors_name_its_parameters_not_the_cli_flags(tmp_path):
+    _tree(tmp_path / "train", 1)
+    with pytest.raises(DataError, match="^shard_size must be at least 1, got 0$"):
+        write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(shard_size=0))
+    with pytest.raises(DataError, match="^nothing to do: give train_dir and/or val_dir$"):
+        write_dataset(tmp_path / "out")
+    with pytest.raises(DataError, match=r"^val_labels \S+ needs val_dir"):
+        write_dataset(tmp_path / "out", tmp_path / "train", val_labels=tmp_path / "labels.txt")
+    write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(workers=1))
+    with pytest.raises(OutputExists) as e:
+        write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(workers=1))
+    assert str(e.value) == f"output folder already holds shards: {tmp_path / 'out'}"
+
+
 @pytest.mark.parametrize("args, named", [
     (["--train-dir", "{tmp}/nowhere"], "{tmp}/nowhere"),
     (["--train-dir", "{tmp}/train", "--val-labels", "{tmp}/labels.txt"], "--val-labels {tmp}/labels.txt"),
+    (["--train-dir", "{tmp}/train", "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    ([], "nothing to do: give --train-dir and/or --val-dir"),
     (["--train-dir", "{tmp}/train", "--val-dir", "{tmp}/train", "--val-labels", "{tmp}/labels.txt"],
      "{tmp}/labels.txt"),
 ])
