@@ -5,8 +5,8 @@ scaler, one RNG file per rank), `ema.pt`, `progress.json` and `checksums.json`, 
 `.tmp-step-N` until complete; one that fails to load is renamed `step-N.unloadable`. Every load uses
 weights_only=True: a checkpoint can hold tensors and plain data, never code.
 
-Kept apart from train_imagenet.py because it is one job with its own failure modes (full disks, kills
-mid-write, damaged or crafted files), each proven by tests/test_faults.py.
+One job with its own failure modes (full disks, kills mid-write, damaged or crafted files), each proven
+by tests/test_faults.py. The step-directory name is made in one place, `step_name`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-# Fault injection for tests/test_faults.py, read here and nowhere else; never set it for a real run.
-FAULT_SLOW_SAVE = float(os.environ.get("RESNET_FAULT_SLOW_SAVE", "0"))  # seconds paused inside each checkpoint write
+from . import console
+from .faults import FAULTS
+from .runtime import any_rank
 
 
 @dataclass
@@ -44,11 +44,18 @@ class Progress:
 
 RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for rank i's RNG states
 CHECKSUM_FILE = "checksums.json"  # sha256 of every other file of a checkpoint
+STEP_DIGITS = 8  # step-00001234: names sort in step order
+
+
+def step_name(step: int) -> str:
+    """The directory name of the checkpoint written at a global step."""
+    return f"step-{step:0{STEP_DIGITS}d}"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Incomplete ones are `.tmp-*` and never match."""
-    return sorted((p for p in root.glob("step-*") if re.fullmatch(r"step-\d{8}", p.name)), key=lambda p: p.name)
+    pattern = rf"step-\d{{{STEP_DIGITS}}}"
+    return sorted((p for p in root.glob("step-*") if re.fullmatch(pattern, p.name)), key=lambda p: p.name)
 
 
 def fsync_path(path: Path) -> None:
@@ -69,7 +76,7 @@ def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int)
     A write that fails on any rank (a full disk, a lost mount) is agreed by all ranks: the partial directory
     is removed and every rank raises CheckpointError, so none is left waiting for one that gave up.
     """
-    final = root / f"step-{progress.global_step:08d}"
+    final = root / step_name(progress.global_step)
     tmp = root / f".tmp-{final.name}"
     error = attempt(make_empty_dir, tmp) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
@@ -90,6 +97,29 @@ def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int)
     return final
 
 
+def failure_message(root: Path, step: int, error: str, need: int) -> str:
+    """One line: which checkpoint, why (the disk is full, most often), what is left, what to do."""
+    free = shutil.disk_usage(root).free
+    why = f"no space left on the device ({error})" if free < need else error
+    newest = checkpoint_dirs(root)
+    return (f"cannot write checkpoint {root / step_name(step)}: {why}; it needs about {need / 2**20:.1f} MiB "
+            f"and {free / 2**20:.1f} MiB are free there. Nothing of it is left behind; "
+            f"{newest[-1] if newest else 'no earlier checkpoint'} is intact. Free some space and run again "
+            "with --resume auto")
+
+
+def state_bytes(*states) -> int:
+    """About what a checkpoint of these state_dicts takes: the bytes of their tensors."""
+    def size(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(map(size, x.values()))
+        return sum(map(size, x)) if isinstance(x, (list, tuple)) else 0
+
+    return size(states)
+
+
 def make_empty_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -101,7 +131,7 @@ def write_checkpoint(accelerator, tmp: Path, progress: Progress, ema) -> None:
     if accelerator.is_main_process:
         if ema is not None:
             torch.save(ema.module.state_dict(), tmp / "ema.pt")
-        time.sleep(FAULT_SLOW_SAVE)  # tests kill the run here, with the checkpoint half written
+        time.sleep(FAULTS.slow_save)  # tests kill the run here, with the checkpoint half written
         (tmp / "progress.json").write_text(json.dumps(vars(progress), indent=1))
     mine = sorted(tmp.iterdir()) if accelerator.is_main_process else [tmp / RNG_FILE.format(accelerator.process_index)]
     for f in mine:
@@ -151,14 +181,6 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(refused or lines)[0]}"
 
 
-def any_rank(accelerator, *flags: bool) -> list[bool]:
-    """For each flag, whether it is set on any rank: one all-reduce, which every rank must call."""
-    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return [v > 0 for v in t.tolist()]
-
-
 def prune_checkpoints(root: Path, keep: int, best: str) -> None:
     done = checkpoint_dirs(root)
     for old in done[: max(0, len(done) - keep)]:
@@ -173,23 +195,23 @@ def resume_from(accelerator, where: str, out: Path, ema) -> Progress:
         remove_partial_checkpoints(root)
     candidates = [Path(where)] if where != "auto" else list(reversed(checkpoint_dirs(root)))
     if where != "auto" and not Path(where, "progress.json").exists():
-        sys.exit(f"error: --resume {where}: not a checkpoint directory (no progress.json)")
+        console.fatal(f"--resume {where}: not a checkpoint directory (no progress.json)")
     for ckpt in candidates:
         progress, error = try_load(accelerator, ckpt, ema)
         # Every rank must settle on the same checkpoint, so the verdict is agreed collectively.
         if not any_rank(accelerator, error is not None)[0]:
-            accelerator.print(f"resumed from {ckpt} at step {progress.global_step} "
-                              f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
+            console.say(f"resumed from {ckpt} at step {progress.global_step} "
+                        f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
             return progress
-        accelerator.print(f"warning: checkpoint {ckpt} cannot be loaded ({error or 'on another rank'})")
+        console.warn(f"checkpoint {ckpt} cannot be loaded ({error or 'on another rank'})")
         if where == "auto" and accelerator.is_main_process:
             set_aside(ckpt)
     if candidates:
         # Starting over would leave the model half-loaded and let pruning delete new checkpoints
         # in favour of the unloadable ones.
         what = f"no checkpoint in {root}" if where == "auto" else f"--resume {where}"
-        sys.exit(f"error: {what} can be loaded (see the warnings above); move the checkpoints away to start "
-                 "from scratch" if accelerator.is_main_process else 1)
+        console.fatal(f"{what} can be loaded (see the warnings above); move the checkpoints away to start "
+                      "from scratch", main_only=True)
     return Progress()
 
 
@@ -197,7 +219,7 @@ def remove_partial_checkpoints(root: Path) -> None:
     """A run killed while writing a checkpoint leaves `.tmp-step-N`, which is never loaded: remove it."""
     for tmp in sorted(root.glob(".tmp-step-*")):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed {tmp}: a checkpoint whose writing was interrupted", flush=True)
+        console.say(f"removed {tmp}: a checkpoint whose writing was interrupted")
 
 
 def set_aside(ckpt: Path) -> None:
@@ -206,7 +228,7 @@ def set_aside(ckpt: Path) -> None:
     dest = ckpt.with_name(ckpt.name + ".unloadable")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(ckpt, dest)
-    print(f"moved {ckpt} aside to {dest}; trying the previous checkpoint", flush=True)
+    console.say(f"moved {ckpt} aside to {dest}; trying the previous checkpoint")
 
 
 def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]:
@@ -223,9 +245,9 @@ def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]
             if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
                 raise ValueError("random states file holds no torch_manual_seed")
         else:  # the checksums passed, so it was never written: a run with more processes than the checkpoint's
-            print(f"warning: {ckpt} holds no RNG state for rank {accelerator.process_index} (written by fewer "
-                  "processes); this rank starts from a fresh one, so the run continues but not bit-exactly",
-                  flush=True)
+            console.every_rank(f"warning: {ckpt} holds no RNG state for rank {accelerator.process_index} (written "
+                               "by fewer processes); this rank starts from a fresh one, so the run continues but "
+                               "not bit-exactly")
         accelerator.load_state(str(ckpt))  # every file with weights_only=True (we register no custom objects)
         if ema is not None:
             ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,

@@ -15,8 +15,10 @@ import torch
 import torchvision
 import yaml
 
-import train_imagenet as T
 from conftest import ROOT, accelerate_launch, run, trainer
+from engine.config import STOP_CHECK_EVERY, parse_config
+from engine.recipe import build_optimizer, lr_factor
+from engine.stops import EXIT_REQUEUE
 from resnet import build_model
 
 TINY = ["--arch", "resnet20", "--image-size", "32", "--crop-pct", "1.0", "--hflip", "0", "--scale", "0.6", "1.0",
@@ -24,7 +26,7 @@ TINY = ["--arch", "resnet20", "--image-size", "32", "--crop-pct", "1.0", "--hfli
 
 
 def args_for(*argv: str):
-    return T.parse_config(["--data-dir", "unused", *argv])
+    return parse_config(["--data-dir", "unused", *argv])
 
 
 # ------------------------------------------------------------------------------------------------ in-process
@@ -33,25 +35,25 @@ def args_for(*argv: str):
 def test_lr_schedule_shapes():
     spe = 10
     cos = args_for("--epochs", "10", "--warmup-epochs", "1", "--schedule", "cosine")
-    f = [T.lr_factor(s, args=cos, steps_per_epoch=spe) for s in range(100)]
+    f = [lr_factor(s, cos.schedule, steps_per_epoch=spe) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over one epoch
     assert f[10] == pytest.approx(1.0) and f[99] < 0.001  # cosine from the peak down to ~0
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     step = args_for("--epochs", "90", "--schedule", "step", "--step-size", "30")
-    assert [T.lr_factor(e * spe, args=step, steps_per_epoch=spe) for e in (0, 29, 30, 60)] == pytest.approx(
+    assert [lr_factor(e * spe, step.schedule, steps_per_epoch=spe) for e in (0, 29, 30, 60)] == pytest.approx(
         [1, 1, 0.1, 0.01])
     multi = args_for("--epochs", "90", "--schedule", "multistep", "--milestones", "30", "80")
-    assert [T.lr_factor(e * spe, args=multi, steps_per_epoch=spe) for e in (29, 30, 79, 80)] == pytest.approx(
+    assert [lr_factor(e * spe, multi.schedule, steps_per_epoch=spe) for e in (29, 30, 79, 80)] == pytest.approx(
         [1, 0.1, 0.1, 0.01])
     lin = args_for("--epochs", "4", "--warmup-epochs", "2", "--schedule", "linear")
-    assert T.lr_factor(20, args=lin, steps_per_epoch=spe) == pytest.approx(1.0)
-    assert T.lr_factor(30, args=lin, steps_per_epoch=spe) == pytest.approx(0.5)
+    assert lr_factor(20, lin.schedule, steps_per_epoch=spe) == pytest.approx(1.0)
+    assert lr_factor(30, lin.schedule, steps_per_epoch=spe) == pytest.approx(0.5)
 
 
 def test_weight_decay_by_shape_and_lr_scaled_by_global_batch():
     args = args_for("--batch-size", "64", "--lr", "0.1", "--grad-accum", "2")
     model = build_model("resnet18", num_classes=10)
-    opt = T.build_optimizer(args, model, world_size=4)
+    opt = build_optimizer(args.optim, model, world_size=4)
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
     named = dict(model.named_parameters())
     # the trap of name-based rules: downsample.1 is a BatchNorm whose name has no "bn"
@@ -66,30 +68,31 @@ def test_recipe_keys_are_checked(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("arch: resnet18\nlerning-rate: 0.1\n")
     with pytest.raises(SystemExit, match=r"unknown key 'lerning-rate'; valid keys: .*\blr\b"):
-        T.parse_config(["--config", str(bad), "--data-dir", "x"])
+        parse_config(["--config", str(bad), "--data-dir", "x"])
     bad.write_text("schedule: cosinus\n")
     with pytest.raises(SystemExit, match=r"'cosinus' is not one of cosine, linear"):
-        T.parse_config(["--config", str(bad), "--data-dir", "x"])
+        parse_config(["--config", str(bad), "--data-dir", "x"])
 
 
 def test_flags_override_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("arch: resnet18\nepochs: 7\nmilestones: [2, 4]\nchannels-last: false\n")
-    args = T.parse_config(["--config", str(recipe), "--data-dir", "x", "--epochs", "3"])
-    assert (args.arch, args.epochs, args.milestones, args.channels_last) == ("resnet18", 3, [2, 4], False)
+    args = parse_config(["--config", str(recipe), "--data-dir", "x", "--epochs", "3"])
+    assert (args.model.arch, args.schedule.epochs, args.schedule.milestones, args.model.channels_last) == (
+        "resnet18", 3, [2, 4], False)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "launch/configs").glob("*.yaml")))
 def test_every_shipped_recipe_parses(recipe):
-    args = T.parse_config(["--config", str(ROOT / "launch/configs" / recipe), "--data-dir", "x"])
-    assert args.arch and args.epochs > 0
+    args = parse_config(["--config", str(ROOT / "launch/configs" / recipe), "--data-dir", "x"])
+    assert args.model.arch and args.schedule.epochs > 0
     header = (ROOT / "launch/configs" / recipe).read_text().splitlines()[:6]
     assert any("%" in line for line in header), "a recipe's header states the accuracy its source reports"
 
 
 def test_mixup_needs_even_batch():
     with pytest.raises(SystemExit):
-        T.parse_config(["--data-dir", "x", "--mixup", "0.2", "--batch-size", "33"])
+        parse_config(["--data-dir", "x", "--mixup", "0.2", "--batch-size", "33"])
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -146,9 +149,9 @@ def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_path
         assert time.monotonic() < deadline, "".join(lines)
     rest, _ = proc.communicate(timeout=240)
     output = "".join(lines) + rest
-    assert proc.returncode == T.EXIT_REQUEUE, output
+    assert proc.returncode == EXIT_REQUEUE, output
     stopped = int(re.search(r"stopped by signal at step (\d+)", output).group(1))
-    assert stopped % T.STOP_CHECK_EVERY == 0 and stopped >= 10
+    assert stopped % STOP_CHECK_EVERY == 0 and stopped >= 10
     assert (out / "checkpoints" / f"step-{stopped:08d}" / "model.safetensors").exists()
     assert not (out / "model.pt").exists(), "an interrupted run has not finished"
     resumed = run(cmd[:-2] + ["--output-dir", str(out), "--resume", "auto", "--max-steps", str(stopped + 5)])
@@ -230,11 +233,11 @@ def tensorboard_tags(logdir: Path) -> dict:
 
 def test_out_of_range_values_are_refused_also_from_a_recipe(tmp_path):
     with pytest.raises(SystemExit):
-        T.parse_config(["--synthetic", "--batch-size", "0"])
+        parse_config(["--synthetic", "--batch-size", "0"])
     recipe = tmp_path / "r.yaml"
     recipe.write_text("workers: -1\n")
     with pytest.raises(SystemExit):
-        T.parse_config(["--synthetic", "--config", str(recipe)])
+        parse_config(["--synthetic", "--config", str(recipe)])
     proc = run(trainer("--synthetic", "--grad-accum", "0"), check=False, timeout=120)
     assert proc.returncode == 2 and "--grad-accum must be an integer >= 1, got 0" in proc.stderr
 

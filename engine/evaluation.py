@@ -1,0 +1,118 @@
+"""Exact evaluation (every validation image once over all ranks), the BatchNorm sync that makes the ranks
+score one model, the replica check, the torchvision-loadable export, and `--evaluate`."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import console
+from .checkpoints import one_line
+
+
+@torch.no_grad()
+def evaluate(model, loader, prep, accelerator) -> dict:
+    """Top-1/top-5 over the whole split, each image counted once across all ranks.
+
+    Ranks may hold different numbers of batches, so nothing is exchanged per batch: the counts are summed
+    locally and reduced once at the end (a per-batch collective would hang on uneven ranks).
+    """
+    net = accelerator.unwrap_model(model)  # no DDP: its forward could sync buffers
+    sync_buffers(accelerator, net)
+    was_training = net.training
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # top1, top5, images
+    for images, labels in loader:
+        images, labels, _ = prep(images, labels, train=False)
+        with accelerator.autocast():
+            logits = net(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5.eq(labels[:, None])
+        counts[0] += hit[:, 0].sum()
+        counts[1] += hit.any(dim=1).sum()
+        counts[2] += labels.numel()
+    counts = accelerator.reduce(counts, reduction="sum").cpu()
+    net.train(was_training)
+    n = int(counts[2])
+    return {"top1": 100 * counts[0].item() / max(n, 1), "top5": 100 * counts[1].item() / max(n, 1), "images": n}
+
+
+def check_count(result: dict, loader) -> None:
+    expected = getattr(loader, "num_samples", 0)
+    if expected and result["images"] != expected:
+        console.warn(f"evaluated {result['images']} validation images but the manifest lists {expected}; "
+                     "unreadable images were skipped or the shards are incomplete")
+
+
+def sync_buffers(accelerator, module: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics.
+
+    DDP broadcasts buffers before each forward, but the last training forward then updates each rank's
+    running statistics with its own batch, so the replicas' BN buffers differ slightly. Evaluating or
+    exporting without this would mix models: each rank would score its share of the validation set
+    with different statistics from the model that is saved.
+    """
+    if accelerator.num_processes > 1:
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
+
+
+def check_replicas(accelerator, model) -> None:
+    """Every rank prints a fingerprint of its weights; the main process says whether they all agree.
+
+    DDP keeps replicas identical by construction; this makes it visible, so a user can trust it.
+    """
+    net = accelerator.unwrap_model(model)
+    tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
+    local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(tensors)).reshape(1)
+    console.every_rank(f"rank {accelerator.process_index} weights checksum {local.item():.12e}")
+    every = accelerator.gather(local.to(accelerator.device)).cpu()
+    if accelerator.num_processes > 1:
+        if bool((every == every[0]).all()):
+            console.say("weights identical on all ranks")
+        else:
+            console.warn(f"weights differ between ranks: {every.tolist()}")
+
+
+def plain_keys(state: dict) -> dict:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes: torchvision's names."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def export_model(accelerator, model, out: Path) -> None:
+    """A plain state_dict (no `module.` / `_orig_mod.` prefixes) that torchvision's resnet loads strictly."""
+    if not accelerator.is_main_process:
+        return
+    state = accelerator.unwrap_model(model).state_dict()
+    state = {k: v.detach().cpu() for k, v in plain_keys(state).items()}
+    tmp = out / ".model.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "model.pt")
+
+
+def load_weights(path: str, model: nn.Module, device) -> None:
+    """A model.pt, a checkpoint directory (its model.safetensors) or a pickled state_dict into ``model``;
+    only tensors are accepted, never pickled code."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.exists():
+        console.fatal(f"--evaluate {path}: no such model file")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights), device=str(device))
+        else:
+            state = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a damaged or crafted file: one line, no traceback
+        console.fatal(f"--evaluate {weights}: cannot load it ({one_line(e)}); only tensors are accepted")
+    try:
+        model.load_state_dict(plain_keys(state))
+    except RuntimeError as e:  # torch lists every missing, unexpected and misshapen key: name the first kind
+        detail = ([ln.strip() for ln in str(e).splitlines()[1:2]] or [one_line(e)])[0][:200]
+        console.fatal(f"--evaluate {weights}: its weights do not fit the network ({detail}); "
+                      "check --arch and --cifar-stem")

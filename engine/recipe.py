@@ -1,0 +1,88 @@
+"""What is trained and how: the network, the optimizer, the LR schedule, the EMA copy and the loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from resnet import build_model
+
+from .config import ModelConfig, OptimConfig, ScheduleConfig
+
+
+@dataclass
+class Learner:
+    """The objects training updates, as Accelerate prepared them."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: object  # timm's ModelEmaV3, or None
+    criterion: nn.Module
+
+
+def build_network(model: ModelConfig, num_classes: int, world_size: int) -> nn.Module:
+    net = build_model(model.arch, num_classes=num_classes, cifar_stem=model.cifar_stem,
+                      zero_init_residual=model.zero_init_residual)
+    if model.sync_bn and world_size > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def build_optimizer(optim: OptimConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """SGD whose LR is given per 256 images; no weight decay on 1-D parameters (norm weights, biases).
+
+    Chosen by shape, not by name: a name test like `'bn' in name` silently misses `downsample.1`.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    global_batch = optim.batch_size * world_size * optim.grad_accum
+    lr = optim.lr * global_batch / 256
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+
+
+def lr_factor(step: int, schedule: ScheduleConfig, steps_per_epoch: int) -> float:
+    """Multiplier of the peak LR at a global optimizer step; warmup is linear from ~0."""
+    total = schedule.epochs * steps_per_epoch
+    warmup = int(schedule.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    if schedule.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        floor = schedule.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule.schedule == "linear":
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+    if schedule.schedule == "step":
+        return schedule.gamma ** int(epoch // schedule.step_size)
+    if schedule.schedule == "multistep":
+        return schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    return 1.0
+
+
+def build_scheduler(schedule: ScheduleConfig, optimizer, steps_per_epoch: int):
+    # Stepped per optimizer step (not per epoch) so warmup is smooth at any batch size.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule, steps_per_epoch))
+
+
+def build_ema(decay: float, model: nn.Module):
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay)
+
+
+def build_criterion(label_smoothing: float, *, mixes: bool) -> nn.Module:
+    if mixes:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # Mixup's soft targets already carry the label smoothing
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -1,0 +1,98 @@
+"""Processes and devices: ranks from SLURM, the Accelerator, the one collective the engine adds, run info."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import console
+from .config import Config, RuntimeConfig
+
+
+def adopt_slurm_ranks() -> None:
+    """Under `srun python train_imagenet.py` (one task per GPU, no launcher) take the ranks from SLURM."""
+    env = os.environ
+    if "RANK" in env or "SLURM_STEP_ID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "MASTER_ADDR" not in env:
+        console.fatal("under srun, export MASTER_ADDR first, e.g. "
+                      'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    on_cpu = runtime.cpu or not torch.cuda.is_available()
+    if on_cpu and runtime.precision == "fp16":
+        console.fatal("--precision fp16 needs a GPU; use bf16 or no on the CPU")
+    accelerator = Accelerator(
+        cpu=on_cpu,  # without it a CPU-only process under torchrun would not join the gloo group
+        mixed_precision=runtime.precision,
+        gradient_accumulation_steps=grad_accum,
+        dynamo_backend="inductor" if runtime.compile else "no",
+        step_scheduler_with_optimizer=False,  # our schedule counts global steps; we step it ourselves
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=runtime.dist_timeout))],
+    )
+    console.bind(accelerator.is_main_process)
+    # The same seed on every rank gives identical initial weights; the loader seeds itself per rank.
+    set_seed(seed, deterministic=runtime.deterministic)
+    if not on_cpu:
+        torch.backends.cudnn.benchmark = not runtime.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    console.every_rank(f"rank {accelerator.process_index}/{accelerator.num_processes} "
+                       f"local_rank {accelerator.local_process_index} host {socket.gethostname()} "
+                       f"device {accelerator.device} backend {backend}")
+    return accelerator
+
+
+def any_rank(accelerator, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank: one all-reduce, which every rank must call."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return [v > 0 for v in t.tolist()]
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_info(cfg: Config, accelerator, out: Path) -> None:
+    """The resolved configuration (itself a recipe: `--config config.yaml` runs it again) and what
+    produced it, next to the run's outputs."""
+    if not accelerator.is_main_process:
+        return
+    import accelerate
+    import timm
+    import torchvision
+    import webdataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=True))
+    info = {
+        "argv": sys.argv, "git_revision": git_revision(), "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+        "host": socket.gethostname(), "python": platform.python_version(),
+        "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,194 @@
+"""The training loop: epochs of steps, evaluation and checkpoints between them, and how a run ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import console
+from .batches import Batches
+from .checkpoints import (CheckpointError, Progress, checkpoint_dirs, failure_message, save_checkpoint,
+                          state_bytes, step_name)
+from .config import STOP_CHECK_EVERY, OptimConfig, RunConfig
+from .evaluation import check_count, check_replicas, evaluate, export_model, sync_buffers
+from .faults import FAULTS
+from .monitor import Monitor, StepMeter, progress_bar
+from .recipe import Learner
+from .stops import EXIT_REQUEUE, NonFiniteGuard, StopReason, StopRequest, agree_to_stop, unsafe_to_save
+
+
+class Trainer:
+    """Runs epochs from where ``progress`` says; every rank runs the same steps and calls the same
+    collectives, and the main process does the writing."""
+
+    def __init__(self, accelerator, learner: Learner, batches: Batches, monitor: Monitor, progress: Progress,
+                 stop: StopRequest, *, run: RunConfig, optim: OptimConfig, epochs: int):
+        self.accelerator, self.learner, self.batches, self.monitor = accelerator, learner, batches, monitor
+        self.progress, self.stop = progress, stop
+        self.run, self.epochs, self.clip_grad = run, epochs, optim.clip_grad
+        self.batches_per_epoch = batches.steps_per_epoch * optim.grad_accum  # whole optimizer steps only
+        self.out = Path(run.output_dir)
+        self.guard = NonFiniteGuard(accelerator.device, optim.max_nonfinite_steps)
+        self.bad_samples = 0  # corrupt training samples skipped by all ranks, as last reported
+
+    def fit(self) -> StopReason | None:
+        """Epochs to the last, with evaluation and checkpoints; returns why it stopped early, if it did."""
+        p = self.progress
+        while p.epoch < self.epochs:
+            reason = self.train_epoch(p.epoch)
+            if reason:
+                return reason
+            self.report_bad_samples()
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+            if self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs):
+                result = self.evaluate()
+                if result["top1"] > p.best_top1:
+                    p.best_top1, p.best_checkpoint = result["top1"], step_name(p.global_step)
+            if self.save():
+                return StopReason.NONFINITE
+        return None
+
+    def train_epoch(self, epoch: int) -> StopReason | None:
+        """One epoch from ``progress.batch_in_epoch`` (mid-epoch after a resume)."""
+        a, p, learner, prep = self.accelerator, self.progress, self.learner, self.batches.prep
+        self.batches.train.set_epoch(epoch, start_batch=p.batch_in_epoch)
+        learner.model.train()
+        bar = progress_bar(self.run.progress and a.is_main_process, epoch, self.batches_per_epoch, p.batch_in_epoch)
+        meter, it, reason = StepMeter(a.device), iter(self.batches.train), None
+        while p.batch_in_epoch < self.batches_per_epoch and not reason:
+            # data: wait for the loader (timed), then normalise and mix on the device
+            meter.start_wait()
+            images, labels = next(it)
+            meter.end_wait()
+            images, labels, targets = prep(images, labels)
+            if p.global_step == 0 and p.batch_in_epoch == 0:
+                self.monitor.image_grid(prep.for_display(images), 0)
+            # forward, backward, and an optimizer step once every --grad-accum batches
+            with a.accumulate(learner.model):
+                loss = learner.criterion(learner.model(images), targets)
+                if p.global_step == FAULTS.nan_at_step:
+                    loss = loss * float("nan")
+                a.backward(loss)
+                if a.sync_gradients and self.clip_grad > 0:
+                    a.clip_grad_norm_(learner.model.parameters(), self.clip_grad)
+                learner.optimizer.step()
+                learner.optimizer.zero_grad(set_to_none=True)
+            # bookkeeping on the device: no sync per step
+            p.batch_in_epoch += 1
+            self.guard.add(loss)
+            meter.add(loss.detach(), labels.numel())
+            bar.update(1) if bar else None
+            if a.sync_gradients:
+                reason = self.after_step(meter)
+        bar.close() if bar else None
+        return reason
+
+    def after_step(self, meter: StepMeter) -> StopReason | None:
+        """Schedule, EMA, logging, checkpoints and the stop check, after each optimizer step."""
+        a, p, learner = self.accelerator, self.progress, self.learner
+        if a.optimizer_step_was_skipped:
+            p.skipped_steps += 1  # fp16 overflow: the scaler skipped it, so the schedule must not advance
+            console.say(f"step {p.global_step}: fp16 overflow, step skipped (loss scale now {self.loss_scale()})")
+        else:
+            learner.scheduler.step()
+        p.global_step += 1
+        if learner.ema is not None:
+            learner.ema.update(a.unwrap_model(learner.model), step=p.global_step)
+        if p.global_step % self.run.log_every == 0:
+            self.log_interval(meter)
+        epoch_end = p.batch_in_epoch == self.batches_per_epoch  # fit() saves after evaluating
+        if self.run.checkpoint_every and p.global_step % self.run.checkpoint_every == 0 and not epoch_end:
+            if self.save():
+                return StopReason.NONFINITE
+        if self.run.max_steps and p.global_step >= self.run.max_steps:
+            return StopReason.MAX_STEPS
+        if p.global_step % STOP_CHECK_EVERY == 0:
+            return agree_to_stop(a, self.guard, self.stop)
+        return None
+
+    def log_interval(self, meter: StepMeter) -> None:
+        a, p = self.accelerator, self.progress
+        stats = meter.read(a.num_processes)
+        stats["lr"] = self.learner.optimizer.param_groups[0]["lr"]
+        if a.scaler is not None:
+            stats["loss_scale"] = self.loss_scale()
+            stats["skipped_steps"] = p.skipped_steps
+        if a.device.type == "cuda":
+            stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.monitor.log_train(p.global_step, p.epoch, stats)
+
+    def loss_scale(self) -> float:
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def evaluate(self) -> dict:
+        """Top-1/top-5 of the model (and its EMA) on the whole validation split, logged and remembered."""
+        a, p, val, prep = self.accelerator, self.progress, self.batches.val, self.batches.prep
+        result = evaluate(self.learner.model, val, prep, a)
+        check_count(result, val)
+        scalars = {"top1": result["top1"], "top5": result["top5"], "images": result["images"]}
+        if self.learner.ema is not None:
+            ema = evaluate(self.learner.ema.module, val, prep, a)
+            scalars.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        self.monitor.log(p.global_step, scalars, "val")
+        p.last_eval_step, p.last_eval = p.global_step, result
+        p.history.append({"step": p.global_step, "epoch": p.epoch, "top1": result["top1"]})
+        ema_text = f"  ema top1 {scalars['ema_top1']:.2f}" if self.learner.ema is not None else ""
+        console.say(f"epoch {p.epoch} step {p.global_step}: val top1 {result['top1']:.2f}  "
+                    f"top5 {result['top5']:.2f}  ({result['images']} images){ema_text}")
+        return result
+
+    def report_bad_samples(self) -> None:
+        """Corrupt training samples skipped this epoch by all ranks (the loader warns about each by name)."""
+        a = self.accelerator
+        mine = torch.tensor([float(getattr(self.batches.train, "bad_samples", 0))], device=a.device)
+        total = int((a.reduce(mine, reduction="sum") if a.num_processes > 1 else mine).item())
+        new, self.bad_samples = total - self.bad_samples, total
+        self.monitor.log(self.progress.global_step, {"bad_samples": new}, "data")
+        if new:
+            console.say(f"epoch {self.progress.epoch}: skipped {new} corrupt training samples "
+                        "(named in the warnings above)")
+
+    def save(self) -> StopReason | None:
+        """A checkpoint, unless the loss or the weights went non-finite: then NONFINITE, and nothing is written."""
+        a, learner = self.accelerator, self.learner
+        if unsafe_to_save(a, self.guard, a.unwrap_model(learner.model)):
+            return StopReason.NONFINITE
+        root = self.out / "checkpoints"
+        try:
+            save_checkpoint(a, root, self.progress, learner.ema, self.run.keep_checkpoints)
+        except CheckpointError as e:
+            states = [a.unwrap_model(learner.model).state_dict(), learner.optimizer.state_dict()]
+            states += [learner.ema.module.state_dict()] if learner.ema is not None else []
+            console.fatal(failure_message(root, self.progress.global_step, str(e), state_bytes(*states)),
+                          main_only=True)
+        return None
+
+    def finish(self, reason: StopReason | None) -> int:
+        """The final evaluation and export; or a checkpoint and the requeue code after a signal; or, when the
+        numbers went non-finite, the error and exit code 1 with the last good checkpoint untouched."""
+        a, p, model = self.accelerator, self.progress, self.learner.model
+        if reason in (StopReason.SIGNAL, StopReason.MAX_STEPS):
+            reason = self.save() or reason
+        if reason is StopReason.NONFINITE:
+            newest = checkpoint_dirs(self.out / "checkpoints")
+            console.fatal(self.guard.message(p.global_step, a.unwrap_model(model), newest[-1] if newest else None),
+                          main_only=True)
+        if reason is StopReason.SIGNAL:
+            console.say(f"stopped by signal at step {p.global_step}; checkpoint written; resume with --resume auto")
+            self.stop.ignore_from_now_on()
+            return EXIT_REQUEUE
+        final = {}
+        if self.batches.val is not None:
+            final = p.last_eval if p.last_eval_step == p.global_step else self.evaluate()
+            console.say(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
+                        f"step={p.global_step}")
+        sync_buffers(a, a.unwrap_model(model))
+        check_replicas(a, model)
+        export_model(a, model, self.out)
+        if self.learner.ema is not None and a.is_main_process:
+            torch.save(self.learner.ema.module.state_dict(), self.out / "model_ema.pt")
+        self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})
+        console.say(f"model written to {self.out / 'model.pt'}; view curves with: tensorboard --logdir {self.out}")
+        return 0
