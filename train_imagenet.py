@@ -44,7 +44,8 @@ from data import DataError
 from engine import console
 from engine.batches import Batches, DeviceBatch, open_train_loader, open_val_loader, steps_per_epoch
 from engine.checkpoints import Progress, resume_from
-from engine.config import Config, parse_config
+from engine.config import parse_config
+from engine.options import Config
 from engine.evaluation import check_count, evaluate, load_weights
 from engine.monitor import Monitor
 from engine.recipe import Learner, build_criterion, build_ema, build_network, build_optimizer, build_scheduler
@@ -75,8 +76,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     steps = steps_per_epoch(loader, grad_accum=cfg.optim.grad_accum, world_size=world)
     prep = DeviceBatch(cfg.augment, accelerator.device, loader.num_classes, channels_last=cfg.model.channels_last,
                        label_smoothing=cfg.optim.label_smoothing)
-    batches = Batches(loader, open_val_loader(cfg.data, batch_size=cfg.optim.batch_size, accelerator=accelerator),
-                      prep, steps)
+    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size, accelerator=accelerator)
+    batches = Batches(loader, val, prep, steps)
     # what is trained and how, wrapped by Accelerate (DDP, autocast, loss scaling)
     model = build_network(cfg.model, loader.num_classes, world)
     optimizer = build_optimizer(cfg.optim, model, world)
@@ -94,18 +95,18 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
                 f"{accelerator.device.type}")
     # the loop; then the final evaluation and export, or a checkpoint and the requeue code
     trainer = Trainer(accelerator, learner, batches, monitor, progress, stop, run=cfg.run, optim=cfg.optim,
-                      epochs=cfg.schedule.epochs)
+                      evaluation=cfg.evaluation, epochs=cfg.schedule.epochs)
     return trainer.finish(trainer.fit())
 
 
 def evaluate_only(cfg: Config, accelerator) -> int:
     """--evaluate: a model.pt or a checkpoint directory, on the validation split (no training loader)."""
-    val = open_val_loader(cfg.data, batch_size=cfg.optim.batch_size, accelerator=accelerator)
+    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size, accelerator=accelerator)
     model = build_network(cfg.model, val.num_classes, accelerator.num_processes).to(accelerator.device)
     load_weights(cfg.run.evaluate, model, accelerator.device)
     prep = DeviceBatch(cfg.augment, accelerator.device, val.num_classes, channels_last=cfg.model.channels_last,
                        label_smoothing=0.0)
-    result = evaluate(model, val, prep, accelerator)
+    result = evaluate(model, val, prep, accelerator, flip=cfg.evaluation.eval_flip)
     check_count(result, val)
     console.say(f"final top1={result['top1']:.2f} top5={result['top5']:.2f} images={result['images']}")
     return 0

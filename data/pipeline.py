@@ -389,12 +389,13 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
 
 def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
                      world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
-                     info: str | None = None) -> ValLoader:
-    """Validation loader over ``source``: resize to image_size / crop_pct, centre crop image_size."""
+                     resize: int | None = None, info: str | None = None) -> ValLoader:
+    """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
+    crop_pct), centre crop image_size."""
     _check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                     transform=val_transform(image_size, crop_pct))
+                     transform=val_transform(image_size, crop_pct, resize))
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -160,8 +160,12 @@ def train_transform(image_size: int, augment: TrainAugment):
     return tf
 
 
-def val_transform(image_size: int, crop_pct: float):
-    """Image bytes -> resize the shorter side to image_size / crop_pct, centre-crop image_size (timm's eval)."""
+def val_transform(image_size: int, crop_pct: float, resize: int | None = None):
+    """Image bytes -> resize the shorter side to ``resize`` (default image_size / crop_pct), centre-crop
+    image_size (timm's eval transform)."""
+    if resize:
+        # timm takes the resize as floor(image_size / crop_pct); aiming half a pixel above lands on it exactly
+        crop_pct = image_size / (resize + 0.5)
     tf = create_transform(input_size=image_size, is_training=False, use_prefetcher=True,
                           crop_pct=crop_pct, interpolation="bilinear")
     tf.transforms.insert(0, DecodeForResize(math.floor(image_size / crop_pct)))

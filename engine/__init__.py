@@ -5,7 +5,8 @@ Inside, the modules lower in this list import only from those above them:
 
     console      every console line (and data/'s log records) goes out here
     faults       the test-only fault-injection hooks, read from the environment once
-    config       every option declared once: the parser, the recipe reader, the checks, one group per part
+    options      every option declared once (type, default, bound, help), in one group per part of the engine
+    config       the parser, the recipe reader and the checks, all made from those declarations
     runtime      SLURM ranks, the Accelerator, the one collective (any_rank), run info
     checkpoints  atomic, checksummed checkpoints; resume; what a failed write says
     stops        stop reasons, signals, the NaN/inf guard, the agreement to stop

@@ -10,7 +10,7 @@ import torch
 from data import TrainAugment, build_train_loader, build_val_loader
 
 from . import console
-from .config import AugmentConfig, DataConfig
+from .options import AugmentConfig, DataConfig, EvalConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,13 +39,14 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, *, batch_size: i
                               augment=timm_augment, max_bad_fraction=data.max_bad_fraction)
 
 
-def open_val_loader(data: DataConfig, *, batch_size: int, accelerator):
+def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, accelerator):
     """This rank's share of the validation split (every image once over all ranks); None with --synthetic."""
     if data.synthetic:
         return None
     return build_val_loader(data.data_dir, split=data.val_split, batch_size=batch_size, num_workers=data.workers,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            image_size=data.image_size, crop_pct=data.crop_pct)
+                            image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,
+                            resize=evaluation.val_resize or None)
 
 
 def steps_per_epoch(loader, *, grad_accum: int, world_size: int) -> int:

@@ -14,9 +14,15 @@ from . import console
 from .checkpoints import one_line
 
 
+def predict(net: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Logits; with ``flip`` the mean of the logits of the images and of their mirror images."""
+    logits = net(images)
+    return (logits + net(images.flip(3))) / 2 if flip else logits
+
+
 @torch.no_grad()
-def evaluate(model, loader, prep, accelerator) -> dict:
-    """Top-1/top-5 over the whole split, each image counted once across all ranks.
+def evaluate(model, loader, prep, accelerator, *, flip: bool = False) -> dict:
+    """Top-1/top-5 over the whole split, each image counted once across all ranks (flipped or not).
 
     Ranks may hold different numbers of batches, so nothing is exchanged per batch: the counts are summed
     locally and reduced once at the end (a per-batch collective would hang on uneven ranks).
@@ -29,7 +35,7 @@ def evaluate(model, loader, prep, accelerator) -> dict:
     for images, labels in loader:
         images, labels, _ = prep(images, labels, train=False)
         with accelerator.autocast():
-            logits = net(images)
+            logits = predict(net, images, flip)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5.eq(labels[:, None])
         counts[0] += hit[:, 0].sum()

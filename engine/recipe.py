@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from resnet import build_model
 
-from .config import ModelConfig, OptimConfig, ScheduleConfig
+from .options import ModelConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from . import console
-from .config import Config, RuntimeConfig
+from .options import Config, RuntimeConfig
 
 
 def adopt_slurm_ranks() -> None:

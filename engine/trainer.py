@@ -10,7 +10,7 @@ from . import console
 from .batches import Batches
 from .checkpoints import (CheckpointError, Progress, checkpoint_dirs, failure_message, save_checkpoint,
                           state_bytes, step_name)
-from .config import STOP_CHECK_EVERY, OptimConfig, RunConfig
+from .options import STOP_CHECK_EVERY, EvalConfig, OptimConfig, RunConfig
 from .evaluation import check_count, check_replicas, evaluate, export_model, sync_buffers
 from .faults import FAULTS
 from .monitor import Monitor, StepMeter, progress_bar
@@ -23,10 +23,10 @@ class Trainer:
     collectives, and the main process does the writing."""
 
     def __init__(self, accelerator, learner: Learner, batches: Batches, monitor: Monitor, progress: Progress,
-                 stop: StopRequest, *, run: RunConfig, optim: OptimConfig, epochs: int):
+                 stop: StopRequest, *, run: RunConfig, optim: OptimConfig, evaluation: EvalConfig, epochs: int):
         self.accelerator, self.learner, self.batches, self.monitor = accelerator, learner, batches, monitor
         self.progress, self.stop = progress, stop
-        self.run, self.epochs, self.clip_grad = run, epochs, optim.clip_grad
+        self.run, self.epochs, self.clip_grad, self.flip = run, epochs, optim.clip_grad, evaluation.eval_flip
         self.batches_per_epoch = batches.steps_per_epoch * optim.grad_accum  # whole optimizer steps only
         self.out = Path(run.output_dir)
         self.guard = NonFiniteGuard(accelerator.device, optim.max_nonfinite_steps)
@@ -125,11 +125,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the whole validation split, logged and remembered."""
         a, p, val, prep = self.accelerator, self.progress, self.batches.val, self.batches.prep
-        result = evaluate(self.learner.model, val, prep, a)
+        result = evaluate(self.learner.model, val, prep, a, flip=self.flip)
         check_count(result, val)
         scalars = {"top1": result["top1"], "top5": result["top5"], "images": result["images"]}
         if self.learner.ema is not None:
-            ema = evaluate(self.learner.ema.module, val, prep, a)
+            ema = evaluate(self.learner.ema.module, val, prep, a, flip=self.flip)
             scalars.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         self.monitor.log(p.global_step, scalars, "val")
         p.last_eval_step, p.last_eval = p.global_step, result

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from engine.config import GROUPS, build_parser, parse_config
+from engine.config import build_parser, parse_config
+from engine.options import GROUPS
 
 
 def test_every_flag_is_a_recipe_key_and_every_option_has_help():
@@ -68,3 +69,13 @@ def test_evaluate_without_shards_is_one_clear_line(argv, message, capsys):
         parse_config(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_the_evaluation_resolution_defaults_to_the_training_one_and_must_cover_its_crop(capsys):
+    cfg = parse_config(["--synthetic", "--image-size", "176"])
+    assert (cfg.evaluation.crop(cfg.data.image_size), cfg.evaluation.val_resize) == (176, 0)
+    cfg = parse_config(["--synthetic", "--image-size", "176", "--val-crop", "224", "--val-resize", "232"])
+    assert cfg.evaluation.crop(cfg.data.image_size) == 224
+    with pytest.raises(SystemExit):
+        parse_config(["--synthetic", "--val-crop", "224", "--val-resize", "200"])
+    assert "--val-resize 200 is smaller than the crop (224)" in capsys.readouterr().err

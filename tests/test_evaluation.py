@@ -3,12 +3,15 @@ weights do not fit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import run, trainer
+from engine.evaluation import evaluate, predict
 from resnet import build_model
 
 SMALL = ["--image-size", "32", "--crop-pct", "1.0", "--workers", "0", "--batch-size", "100", "--no-progress"]
@@ -43,3 +46,47 @@ def test_weights_of_another_network_are_one_line_naming_the_file(tmp_path, digit
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and f"--evaluate {weights}: its weights do not fit the network" in errors[0]
     assert "check --arch" in errors[0]
+
+
+class OneProcess:
+    """What evaluate() asks of an Accelerator, for one CPU process."""
+
+    device, num_processes = torch.device("cpu"), 1
+
+    def unwrap_model(self, model):
+        return model
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+class Identity:
+    def __call__(self, images, labels, train=True):
+        return images, labels, labels
+
+
+def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 6, 5)).eval()  # not mirror-symmetric
+    images = torch.randn(7, 3, 4, 6)
+    by_hand = (net(images) + net(torch.flip(images, dims=[3]))) / 2
+    assert torch.allclose(predict(net, images, flip=True), by_hand)
+    assert torch.equal(predict(net, images, flip=False), net(images))
+
+    labels = by_hand.argmax(1)
+    labels[:2] = (labels[:2] + 1) % 5  # two of seven wrong under the flip-averaged logits
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    result = evaluate(net, batches, Identity(), OneProcess(), flip=True)
+    assert result["images"] == 7, "each image counted once, not once per view"
+    assert result["top1"] == pytest.approx(100 * 5 / 7)
+
+
+def test_evaluation_resolution_and_flips_from_the_command_line(tmp_path, digits_shards):
+    weights = tmp_path / "model.pt"
+    torch.save(build_model("resnet20", num_classes=10).state_dict(), weights)
+    proc = run(trainer("--data-dir", digits_shards, "--arch", "resnet20", *SMALL, "--val-crop", "40",
+                       "--val-resize", "44", "--eval-flip", "--evaluate", weights), timeout=180)
+    assert "images=360" in proc.stdout, proc.stdout + proc.stderr

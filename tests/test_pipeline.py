@@ -18,7 +18,7 @@ from PIL import Image
 import data.pipeline
 from data import DataError, TrainAugment, build_train_loader, build_val_loader
 from data.shards import WriterConfig, write_dataset
-from data.transforms import jpeg_size, train_transform
+from data.transforms import jpeg_size, train_transform, val_transform
 
 NUM_CLASSES = 3
 TRAIN_IDS = range(0, 60)  # 12 shards of 5
@@ -282,3 +282,15 @@ def test_train_transform_paths_agree_and_accept_non_jpeg():
         assert (a.float() - b.float()).abs().mean() < 2
     png = train_transform(64, TrainAugment())(_encoded(photo, "PNG"))
     assert png.shape == (3, 64, 64) and png.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("resize, crop", [(256, 224), (232, 224), (36, 32), (73, 64)])
+def test_val_transform_resizes_to_exactly_the_size_asked_then_centre_crops(resize, crop):
+    import torchvision.transforms.v2.functional as F2
+
+    photo = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
+    data = _encoded(photo, "PNG")  # lossless: the reference sees the same pixels
+    tf = val_transform(crop, 0.875, resize)
+    assert (tf.transforms[0].size, tf.transforms[1].size) == (resize, resize)  # the decoder's draft, timm's Resize
+    expected = F2.pil_to_tensor(F2.center_crop(F2.resize(photo, [resize], antialias=True), [crop]))
+    assert torch.equal(tf(data), expected)

@@ -16,7 +16,8 @@ import torchvision
 import yaml
 
 from conftest import ROOT, accelerate_launch, run, trainer
-from engine.config import STOP_CHECK_EVERY, parse_config
+from engine.config import parse_config
+from engine.options import STOP_CHECK_EVERY
 from engine.recipe import build_optimizer, lr_factor
 from engine.stops import EXIT_REQUEUE
 from resnet import build_model
