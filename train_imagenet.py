@@ -48,7 +48,8 @@ from engine.config import parse_config
 from engine.options import Config
 from engine.evaluation import check_count, evaluate, load_weights
 from engine.monitor import Monitor
-from engine.recipe import Learner, build_criterion, build_ema, build_network, build_optimizer, build_scheduler
+from engine.recipe import (Learner, build_criterion, build_ema, build_network, build_optimizer, build_scheduler,
+                           network_card)
 from engine.runtime import adopt_slurm_ranks, make_accelerator, write_run_info
 from engine.stops import StopRequest
 from engine.trainer import Trainer
@@ -84,8 +85,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     scheduler = build_scheduler(cfg.schedule, optimizer, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = build_ema(cfg.optim.ema_decay, accelerator.unwrap_model(model))
-    learner = Learner(model, optimizer, scheduler, ema, build_criterion(cfg.optim.label_smoothing,
-                                                                        mixes=cfg.augment.mixes))
+    criterion = build_criterion(cfg.optim.label_smoothing, mixes=cfg.augment.mixes)
+    learner = Learner(model, optimizer, scheduler, ema, criterion, network_card(cfg.model, loader.num_classes))
     # where to start: the newest good checkpoint, or step 0
     progress = resume_from(accelerator, cfg.run.resume, out, ema) if cfg.run.resume else Progress()
     monitor = Monitor(out, enabled=accelerator.is_main_process, resume_step=progress.global_step,

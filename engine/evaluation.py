@@ -3,6 +3,7 @@ score one model, the replica check, the torchvision-loadable export, and `--eval
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -89,15 +90,18 @@ def plain_keys(state: dict) -> dict:
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
-def export_model(accelerator, model, out: Path) -> None:
-    """A plain state_dict (no `module.` / `_orig_mod.` prefixes) that torchvision's resnet loads strictly."""
+def export_model(accelerator, model, out: Path, card: dict) -> None:
+    """model.pt: a plain state_dict (no `module.` / `_orig_mod.` prefixes) with torchvision's names, which its
+    resnet loads strictly; model.json beside it: the network it belongs to and how to build that."""
     if not accelerator.is_main_process:
         return
     state = accelerator.unwrap_model(model).state_dict()
     state = {k: v.detach().cpu() for k, v in plain_keys(state).items()}
-    tmp = out / ".model.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "model.pt")
+    for name, write in (("model.pt", lambda tmp: torch.save(state, tmp)),
+                        ("model.json", lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))):
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, out / name)
 
 
 def load_weights(path: str, model: nn.Module, device) -> None:

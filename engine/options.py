@@ -61,6 +61,8 @@ class ModelConfig:
     arch: str = option("resnet50", "one of: " + ", ".join(ARCH_NAMES), choices=ARCH_NAMES, metavar="ARCH")
     cifar_stem: bool = option(False, "3x3 stride-1 stem, no max-pool (32x32 images)")
     zero_init_residual: bool = option(False, "zero the last BatchNorm of each block (Goyal et al. 2017)")
+    blurpool: bool = option(False, "blur the input of each strided convolution (Zhang 2019, as FFCV): same "
+                                   "parameters; model.json says how to load the weights")
     channels_last: bool = option(True, "NHWC memory for the model and batches (faster convolutions on GPUs)")
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across processes")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from resnet import build_model
+from resnet.model import IMAGENET_ARCHS
 
 from .options import ModelConfig, OptimConfig, ScheduleConfig
 
@@ -22,16 +23,28 @@ class Learner:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: object  # timm's ModelEmaV3, or None
     criterion: nn.Module
+    card: dict  # what the exported model.json says about the network (network_card)
 
 
 def build_network(model: ModelConfig, num_classes: int, world_size: int) -> nn.Module:
     net = build_model(model.arch, num_classes=num_classes, cifar_stem=model.cifar_stem,
-                      zero_init_residual=model.zero_init_residual)
+                      zero_init_residual=model.zero_init_residual, blurpool=model.blurpool)
     if model.sync_bn and world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if model.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
+
+
+def network_card(model: ModelConfig, num_classes: int) -> dict:
+    """How to rebuild the network the exported weights belong to, and whether torchvision's is it."""
+    options = f"num_classes={num_classes}" + "".join(f", {k}=True" for k in ("cifar_stem", "blurpool")
+                                                      if getattr(model, k))
+    return {"arch": model.arch, "num_classes": num_classes, "cifar_stem": model.cifar_stem,
+            "blurpool": model.blurpool,
+            "torchvision_equivalent": model.arch in IMAGENET_ARCHS and not (model.cifar_stem or model.blurpool),
+            "load": f"from resnet import build_model; model = build_model({model.arch!r}, {options}); "
+                    "model.load_state_dict(torch.load('model.pt', weights_only=True))"}
 
 
 def build_optimizer(optim: OptimConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:

@@ -186,7 +186,7 @@ class Trainer:
                         f"step={p.global_step}")
         sync_buffers(a, a.unwrap_model(model))
         check_replicas(a, model)
-        export_model(a, model, self.out)
+        export_model(a, model, self.out, self.learner.card)
         if self.learner.ema is not None and a.is_main_process:
             torch.save(self.learner.ema.module.state_dict(), self.out / "model_ema.pt")
         self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from conftest import run, trainer
+from engine.config import parse_config
 from engine.evaluation import evaluate, predict
-from resnet import build_model
+from engine.recipe import network_card
+from resnet import BlurConv2d, build_model
 
 SMALL = ["--image-size", "32", "--crop-pct", "1.0", "--workers", "0", "--batch-size", "100", "--no-progress"]
 
@@ -90,3 +92,31 @@ def test_evaluation_resolution_and_flips_from_the_command_line(tmp_path, digits_
     proc = run(trainer("--data-dir", digits_shards, "--arch", "resnet20", *SMALL, "--val-crop", "40",
                        "--val-resize", "44", "--eval-flip", "--evaluate", weights), timeout=180)
     assert "images=360" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_model_json_says_how_to_rebuild_a_blurpool_network_and_evaluate_takes_it(tmp_path, digits_shards,
+                                                                                 monkeypatch):
+    out = tmp_path / "run"
+    run(trainer("--synthetic", "--arch", "resnet20", "--blurpool", "--image-size", "32", "--batch-size", "4",
+                "--synthetic-steps", "2", "--epochs", "1", "--num-classes", "10", "--no-progress",
+                "--output-dir", out), timeout=180)
+    card = json.loads((out / "model.json").read_text())
+    assert (card["arch"], card["num_classes"], card["blurpool"], card["torchvision_equivalent"]) == (
+        "resnet20", 10, True, False)
+    scope = {"torch": torch}
+    monkeypatch.chdir(out)
+    exec(card["load"], scope)  # the line a user copies
+    monkeypatch.undo()
+    assert any(isinstance(m, BlurConv2d) for m in scope["model"].modules())
+    proc = run(trainer("--data-dir", digits_shards, "--arch", "resnet20", "--blurpool", *SMALL,
+                       "--evaluate", out / "model.pt"), timeout=180)
+    assert "images=360" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_only_a_plain_imagenet_network_is_called_torchvision_equivalent():
+    def card(*argv):
+        cfg = parse_config(["--synthetic", *argv])
+        return network_card(cfg.model, 1000)["torchvision_equivalent"]
+
+    assert card("--arch", "resnet50") and not card("--arch", "resnet50", "--blurpool")
+    assert not card("--arch", "resnet50", "--cifar-stem") and not card("--arch", "resnet20")
