@@ -138,6 +138,8 @@ def check_combinations(values: dict) -> str | None:
     if values["val_resize"] and values["val_resize"] < (values["val_crop"] or values["image_size"]):
         return (f"--val-resize {values['val_resize']} is smaller than the crop "
                 f"({values['val_crop'] or values['image_size']}): resize to at least the crop size")
+    if values["nesterov"] and values["opt"] not in ("sgd", "lars"):
+        return f"--nesterov applies to --opt sgd or lars, not {values['opt']}"
     if not values["synthetic"] and not values["data_dir"]:
         return "--data-dir is required (or --synthetic)"
     if (values["mixup"] > 0 or values["cutmix"] > 0) and values["batch_size"] % 2:

@@ -71,11 +71,15 @@ class ModelConfig:
 class OptimConfig:
     """optimization"""
 
+    opt: str = option("sgd", "optimizer, from timm's factory: sgd (with --momentum), lars (large batches, many "
+                             "nodes), lamb, adamw", choices=("sgd", "lars", "lamb", "adamw"))
     batch_size: int = option(128, "images per process per step", low=1)
     grad_accum: int = option(1, "batches accumulated into one optimizer step", low=1)
     lr: float = option(0.1, "learning rate per 256 images of global batch", low=0.0)
-    momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool = option(False, "Nesterov momentum")
+    lr_scaling: str = option("linear", "how the global batch scales --lr: linear (SGD, LARS) or sqrt (LAMB)",
+                             choices=("linear", "sqrt"))
+    momentum: float = option(0.9, "momentum of sgd and lars")
+    nesterov: bool = option(False, "Nesterov momentum (sgd, lars)")
     weight_decay: float = option(1e-4, "not applied to norm weights and biases", low=0.0)
     label_smoothing: float = option(0.0, "of the cross-entropy targets (and of Mixup's)", low=0.0)
     max_nonfinite_steps: int = option(3, "stop after this many consecutive batches with a NaN/inf loss (checked "

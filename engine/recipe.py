@@ -47,17 +47,35 @@ def network_card(model: ModelConfig, num_classes: int) -> dict:
                     "model.load_state_dict(torch.load('model.pt', weights_only=True))"}
 
 
-def build_optimizer(optim: OptimConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
-    """SGD whose LR is given per 256 images; no weight decay on 1-D parameters (norm weights, biases).
+# --opt -> timm's optimizer names, without and with --nesterov
+TIMM_OPTIMIZERS = {"sgd": ("momentum", "nesterov"), "lars": ("lars", "nlars"), "lamb": ("lamb", None),
+                   "adamw": ("adamw", None)}
 
-    Chosen by shape, not by name: a name test like `'bn' in name` silently misses `downsample.1`.
-    """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    global_batch = optim.batch_size * world_size * optim.grad_accum
-    lr = optim.lr * global_batch / 256
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+
+def peak_lr(optim: OptimConfig, world_size: int) -> float:
+    """--lr is per 256 images; the global batch scales it linearly (Goyal et al. 2017) or by its square root
+    (LAMB's usual rule, You et al. 2019)."""
+    scale = optim.batch_size * world_size * optim.grad_accum / 256
+    return optim.lr * (scale if optim.lr_scaling == "linear" else math.sqrt(scale))
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's groups: no weight decay on 1-D parameters (norm weights, biases), chosen by shape, not by name
+    (a name test like `'bn' in name` silently misses `downsample.1`). Decayed group first, as this trainer
+    always ordered them, so checkpoints written before timm made the groups still load."""
+    from timm.optim import param_groups_weight_decay
+
+    return sorted(param_groups_weight_decay(model, weight_decay), key=lambda g: g["weight_decay"] == 0)
+
+
+def build_optimizer(optim: OptimConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """timm's optimizer factory: SGD (with momentum), LARS, LAMB or AdamW."""
+    from timm.optim import create_optimizer_v2
+
+    plain, nesterov = TIMM_OPTIMIZERS[optim.opt]
+    return create_optimizer_v2(model, opt=nesterov if optim.nesterov else plain, lr=peak_lr(optim, world_size),
+                               weight_decay=optim.weight_decay, momentum=optim.momentum,
+                               param_group_fn=lambda m: weight_decay_groups(m, optim.weight_decay))
 
 
 def lr_factor(step: int, schedule: ScheduleConfig, steps_per_epoch: int) -> float:
