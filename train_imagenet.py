@@ -42,7 +42,8 @@ from pathlib import Path
 
 from data import DataError
 from engine import console
-from engine.batches import Batches, DeviceBatch, open_train_loader, open_val_loader, steps_per_epoch
+from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
+                            steps_per_epoch)
 from engine.checkpoints import Progress, resume_from
 from engine.config import parse_config
 from engine.options import Config
@@ -72,13 +73,14 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     out, world = Path(cfg.run.output_dir), accelerator.num_processes
     write_run_info(cfg, accelerator, out)
     # data: this rank's uint8 batches, and the way they are normalised (and mixed) on the device
-    loader = open_train_loader(cfg.data, cfg.augment, batch_size=cfg.optim.batch_size, seed=cfg.run.seed,
-                               accelerator=accelerator)
+    resolution = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
+    loader = open_train_loader(cfg.data, cfg.augment, resolution, batch_size=cfg.optim.batch_size,
+                               seed=cfg.run.seed, accelerator=accelerator)
     steps = steps_per_epoch(loader, grad_accum=cfg.optim.grad_accum, world_size=world)
     prep = DeviceBatch(cfg.augment, accelerator.device, loader.num_classes, channels_last=cfg.model.channels_last,
                        label_smoothing=cfg.optim.label_smoothing)
     val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size, accelerator=accelerator)
-    batches = Batches(loader, val, prep, steps)
+    batches = Batches(loader, val, prep, steps, resolution)
     # what is trained and how, wrapped by Accelerate (DDP, autocast, loss scaling)
     model = build_network(cfg.model, loader.num_classes, world)
     optimizer = build_optimizer(cfg.optim, model, world)

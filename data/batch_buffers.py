@@ -36,7 +36,8 @@ _LIVE: weakref.WeakValueDictionary[str, "BatchBuffers"] = weakref.WeakValueDicti
 class BatchBuffers:
     """``workers x BUFFERS_PER_WORKER`` uint8 buffers for ``[B, C, H, W]`` batches in channels_last memory
     (what the image transforms make, so a fill is a plain copy), made in the main process before the
-    workers start; pickled into spawned workers as shared memory."""
+    workers start; pickled into spawned workers as shared memory. A batch of smaller images (a lower
+    training resolution) takes the front of a buffer."""
 
     def __init__(self, workers: int, batch_shape: tuple[int, int, int, int]):
         b, c, h, w = batch_shape
@@ -71,15 +72,18 @@ class BatchBuffers:
         return state
 
     def fill(self, worker: int, images: list[torch.Tensor], labels: list[int]) -> "BufferedBatch | None":
-        """In worker ``worker``: stack ``images`` into one of its free buffers; None if all are in use."""
-        if (len(images), *images[0].shape) != self.batch_shape or images[0].dtype != torch.uint8:
+        """In worker ``worker``: stack ``images`` into one of its free buffers; None if all are in use, or
+        if the batch does not fit one (more images, channels or pixels than the buffers were made for)."""
+        b, c, h, w = self.batch_shape
+        (ci, hi, wi), n = images[0].shape, len(images)
+        if n != b or ci != c or hi * wi > h * w or images[0].dtype != torch.uint8:
             return None
         for k in range(BUFFERS_PER_WORKER):
             i = worker * BUFFERS_PER_WORKER + k
             if not self.busy[i]:
                 self.busy[i] = 1
-                torch.stack(images, out=nchw(self.pool[worker, k]))
-                return BufferedBatch(self.token, worker, k, labels)
+                torch.stack(images, out=nchw(self.pool[worker, k].view(-1)[: n * hi * wi * c].view(n, hi, wi, c)))
+                return BufferedBatch(self.token, worker, k, labels, (hi, wi))
         return None
 
     def release(self, worker: int, k: int) -> None:
@@ -98,8 +102,8 @@ class BufferedBatch:
     """A filled buffer on its way from a worker to the main process: its number (not its pixels) and
     the labels."""
 
-    def __init__(self, token: str, worker: int, k: int, labels: list[int]):
-        self.token, self.worker, self.k, self.labels = token, worker, k, labels
+    def __init__(self, token: str, worker: int, k: int, labels: list[int], size: tuple[int, int]):
+        self.token, self.worker, self.k, self.labels, self.size = token, worker, k, labels, size
         self._arrived = self._taken = False
 
     def __setstate__(self, state):
@@ -110,7 +114,9 @@ class BufferedBatch:
         """(images, labels): the images share the buffer's memory, which is released when that tensor
         and every view of it are freed."""
         buffers = _LIVE[self.token]
-        array = buffers._array[self.worker, self.k]  # a new numpy view, kept alive by the tensor's storage
+        (b, c, _, _), (h, w) = buffers.batch_shape, self.size
+        # a new numpy view of the buffer's front, kept alive by the tensor's storage
+        array = buffers._array[self.worker, self.k].reshape(-1)[: b * h * w * c].reshape(b, h, w, c)
         weakref.finalize(array, buffers.release, self.worker, self.k)
         self._taken = True
         return nchw(torch.from_numpy(array)), torch.tensor(self.labels, dtype=torch.int64)

@@ -17,7 +17,7 @@ Training (``build_train_loader``)
     A slot streams its run through a shuffle buffer of undecoded samples and cuts it into batches.
     The DataLoader takes batch ``i`` of a rank from worker ``i % num_workers``, so slot ``v`` owns the
     rank's batches ``v, v + W, v + 2W, ...``: the batches are a function of (seed, epoch, rank,
-    world size, worker count) only. Random augmentation is seeded per batch, which makes
+    world size, worker count, image size) only; ``set_epoch`` may change the size from epoch to epoch. Random augmentation is seeded per batch, which makes
     ``set_epoch(e, start_batch=k)`` exact; the skipped batches are read but not decoded.
 
 Validation (``build_val_loader``)
@@ -196,21 +196,27 @@ def _rng(*parts) -> random.Random:
 class _TrainStream(IterableDataset):
     """The batches of one rank; each DataLoader worker produces those of its slot (see module doc)."""
 
-    def __init__(self, shards: ShardSet, loader: "TrainLoader", transform):
-        self.shards, self.transform = shards, transform
+    def __init__(self, shards: ShardSet, loader: "TrainLoader", augment: TrainAugment):
+        self.shards, self.augment, self._transforms = shards, augment, {}
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.batch_size, self.num_batches = loader.batch_size, loader.num_batches
         self.shuffle_buffer, self.state, self.counter = loader.shuffle_buffer, loader._state, loader._counter
         self.buffers = loader._buffers
 
     def __iter__(self):
-        # Read (epoch, start_batch) when the iterator is made, which a DataLoader does in every worker
-        # at the start of every epoch, persistent workers included.
-        epoch, start = self.state[0], self.state[1]
+        # Read (epoch, start_batch, image size) when the iterator is made, which a DataLoader does in every
+        # worker at the start of every epoch, persistent workers included.
+        epoch, start, size = self.state[0], self.state[1], self.state[2]
         worker, workers = _worker()
         # The DataLoader hands iteration batch j to worker j % workers; after skipping `start` batches
         # that is epoch batch start + j, owned by slot (worker + start) % workers.
-        return self._batches(epoch, start, (worker + start) % workers, workers)
+        return self._batches(epoch, start, (worker + start) % workers, workers, self.transform(size))
+
+    def transform(self, size: int):
+        """timm's training transform at ``size`` px, made once per size in each worker."""
+        if size not in self._transforms:
+            self._transforms[size] = train_transform(size, self.augment)
+        return self._transforms[size]
 
     def _slot_range(self, v: int, workers: int) -> tuple[int, int]:
         """Positions [lo, hi) of slot (rank, v) in the epoch's sequence of samples: consecutive slots
@@ -243,7 +249,7 @@ class _TrainStream(IterableDataset):
             if pos >= hi:
                 return
 
-    def _batches(self, epoch: int, start: int, v: int, workers: int):
+    def _batches(self, epoch: int, start: int, v: int, workers: int, transform):
         B = self.batch_size
         count, first = _owned(v, self.num_batches, workers), _owned(v, start, workers)
         slot = self.rank * workers + v
@@ -254,7 +260,7 @@ class _TrainStream(IterableDataset):
             if m < first:
                 continue  # resume: read past, never decode
             with _seeded(_rng("augment", self.seed, epoch, slot, m).getrandbits(63)):
-                images, labels, bad = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
+                images, labels, bad = decode_batch(raw, transform, self.shards.num_classes, self.counter)
             if not images:
                 raise DataError(f"every sample of a batch is corrupt (shard {raw[-1]['__url__']})")
             if bad:  # refill from the good samples of this batch: batch stays full, resume stays exact
@@ -267,21 +273,24 @@ class TrainLoader:
     """``len(self)`` full batches per epoch on every rank; see the module docstring for the guarantees."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 seed: int, transform, image_size: int, max_bad_fraction: float,
-                 shuffle_buffer: int = SHUFFLE_BUFFER):
+                 seed: int, augment: TrainAugment, image_size: int, max_bad_fraction: float,
+                 max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
         self.num_batches = self.num_samples // (batch_size * world_size)
         _check_train_plan(shards, batch_size, world_size, max(1, num_workers))
-        self._state = multiprocessing.Array("q", 2, lock=False)  # (epoch, start_batch), read by the workers
+        # (epoch, start_batch, image size), read by the workers
+        self._state = multiprocessing.Array("q", 3, lock=False)
         self._counter = BadSampleCounter(max_bad_fraction)
-        self._epoch, self._start = 0, 0
-        # ``transform`` makes 3 x image_size x image_size uint8 images; a worker that gets anything else
-        # sends it the DataLoader's way (BatchBuffers.fill)
-        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, image_size, image_size)) \
-            if num_workers > 0 else None
-        self._loader = DataLoader(_TrainStream(shards, self, transform), batch_size=None,
+        self._epoch, self._start, self.image_size = 0, 0, image_size
+        # The transforms make 3 x size x size uint8 images, at most max_image_size; a worker that gets
+        # anything larger sends it the DataLoader's way (BatchBuffers.fill)
+        big = max(image_size, max_image_size or 0)
+        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, big, big)) if num_workers > 0 else None
+        stream = _TrainStream(shards, self, augment)
+        stream.transform(image_size)  # here, so a bad augmentation option fails before any worker starts
+        self._loader = DataLoader(stream, batch_size=None,
                                   num_workers=num_workers, persistent_workers=num_workers > 0,
                                   pin_memory=torch.cuda.is_available())
 
@@ -293,16 +302,18 @@ class TrainLoader:
         """Corrupt samples skipped so far, over all workers of this rank."""
         return self._counter.bad
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
+        """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would, of images
+        ``image_size`` px square (progressive resizing; default: the size last set)."""
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
         self._epoch, self._start = epoch, start_batch
+        self.image_size = image_size or self.image_size
 
     def __iter__(self):
         epoch, start = self._epoch, self._start
         self._epoch, self._start = epoch + 1, 0  # without a set_epoch call, the next iteration is the next epoch
-        self._state[0], self._state[1] = epoch, start
+        self._state[0], self._state[1], self._state[2] = epoch, start, self.image_size
         n = 0
         try:
             for batch in self._loader:
@@ -378,12 +389,15 @@ class ValLoader:
 def build_train_loader(source, *, split: str = "train", batch_size: int, num_workers: int, rank: int = 0,
                        world_size: int = 1, seed: int = 0, image_size: int = 224,
                        augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
-                       info: str | None = None, shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainLoader:
-    """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources)."""
+                       max_image_size: int | None = None, info: str | None = None,
+                       shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainLoader:
+    """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources), of
+    ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
+    sizes the shared-memory batch buffers)."""
     _check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                       seed=seed, transform=train_transform(image_size, augment), image_size=image_size,
+                       seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer)
 
 

@@ -10,24 +10,54 @@ import torch
 from data import TrainAugment, build_train_loader, build_val_loader
 
 from . import console
-from .options import AugmentConfig, DataConfig, EvalConfig
+from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """The training image size of each epoch: --image-size, FFCV's ramp, or an explicit list."""
+
+    res: ResolutionConfig
+    image_size: int
+    epochs: int
+
+    def at(self, epoch: int) -> int:
+        r = self.res
+        if r.res_schedule:
+            return r.res_schedule[min(epoch, len(r.res_schedule) - 1)]
+        if not r.min_res:
+            return self.image_size
+        high = r.max_res or self.image_size
+        if epoch <= r.ramp_start_epoch:
+            return r.min_res
+        if epoch >= r.ramp_end_epoch:
+            return high
+        t = (epoch - r.ramp_start_epoch) / (r.ramp_end_epoch - r.ramp_start_epoch)
+        return round((r.min_res + t * (high - r.min_res)) / 32) * 32  # half to even, as FFCV's np.round
+
+    def largest(self) -> int:
+        return max(self.at(e) for e in range(self.epochs))
+
+
 @dataclass
 class Batches:
-    """What the loop reads: this rank's loaders, the device-side preparation, whole optimizer steps per epoch."""
+    """What the loop reads: this rank's loaders, the device-side preparation, whole optimizer steps per epoch,
+    the training size of each epoch."""
 
     train: object  # data.TrainLoader or SyntheticLoader
     val: object  # data.ValLoader, or None with --synthetic
     prep: "DeviceBatch"
     steps_per_epoch: int
+    resolution: ResolutionSchedule
 
 
-def open_train_loader(data: DataConfig, augment: AugmentConfig, *, batch_size: int, seed: int, accelerator):
-    """This rank's training batches: exactly len(loader) per epoch on every rank (see data/pipeline.py)."""
+def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: ResolutionSchedule, *,
+                      batch_size: int, seed: int, accelerator):
+    """This rank's training batches: exactly len(loader) per epoch on every rank (see data/pipeline.py),
+    of the size the trainer sets for each epoch."""
     if data.synthetic:
         return SyntheticLoader(data, batch_size=batch_size, seed=seed, device=accelerator.device)
     timm_augment = TrainAugment(scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip,
@@ -35,8 +65,9 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, *, batch_size: i
                                 interpolation=augment.interpolation)
     return build_train_loader(data.data_dir, split=data.train_split, batch_size=batch_size,
                               num_workers=data.workers, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, seed=seed, image_size=data.image_size,
-                              augment=timm_augment, max_bad_fraction=data.max_bad_fraction)
+                              world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
+                              max_image_size=resolution.largest(), augment=timm_augment,
+                              max_bad_fraction=data.max_bad_fraction)
 
 
 def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, accelerator):
@@ -62,15 +93,21 @@ class SyntheticLoader:
     """Random uint8 batches made once on the device: the model's speed with the loader taken out."""
 
     def __init__(self, data: DataConfig, *, batch_size: int, seed: int, device):
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        size = (batch_size, 3, data.image_size, data.image_size)
-        self.images = torch.randint(0, 256, size, dtype=torch.uint8, generator=g).to(device)
-        self.labels = torch.randint(0, data.num_classes, (batch_size,), generator=g).to(device)
+        self.seed, self.device = seed, device
         self.steps, self.start = data.synthetic_steps, 0
         self.num_classes, self.num_samples, self.batch_size = data.num_classes, 0, batch_size
+        self.make(data.image_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def make(self, image_size: int) -> None:
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        size = (self.batch_size, 3, image_size, image_size)
+        self.images = torch.randint(0, 256, size, dtype=torch.uint8, generator=g).to(self.device)
+        self.labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=g).to(self.device)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
         self.start = start_batch
+        if image_size and image_size != self.images.shape[-1]:
+            self.make(image_size)
 
     def __len__(self) -> int:
         return self.steps

@@ -114,7 +114,7 @@ def check_values(values: dict) -> str | None:
 def fits(value, kind, nargs) -> bool:
     if typing.get_origin(kind) is list:
         item = typing.get_args(kind)[0]
-        return (isinstance(value, list) and len(value) >= 1 and (nargs is None or len(value) == nargs)
+        return (isinstance(value, list) and (nargs is None or len(value) == nargs)
                 and all(fits(v, item, None) for v in value))
     if value is None:
         return isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
@@ -131,6 +131,9 @@ def describe(kind) -> str:
 
 def check_combinations(values: dict) -> str | None:
     """What no single option's declaration can say."""
+    problem = check_resolution(values)
+    if problem:
+        return problem
     if values["evaluate"] and not values["data_dir"]:
         return "--evaluate needs --data-dir: the shards whose validation split it scores"
     if values["evaluate"] and values["synthetic"]:
@@ -144,4 +147,20 @@ def check_combinations(values: dict) -> str | None:
         return "--data-dir is required (or --synthetic)"
     if (values["mixup"] > 0 or values["cutmix"] > 0) and values["batch_size"] % 2:
         return f"--mixup/--cutmix need an even --batch-size (timm mixes pairs), got {values['batch_size']}"
+    return None
+
+
+def check_resolution(values: dict) -> str | None:
+    low, high = values["min_res"], values["max_res"] or values["image_size"]
+    if any(size < 8 for size in values["res_schedule"]):
+        return f"--res-schedule sizes must be at least 8 px, got {values['res_schedule']}"
+    if values["res_schedule"] and values["min_res"]:
+        return "--res-schedule and --min-res are two ways to say the same: give one"
+    if low and low > high:
+        return f"--min-res {low} is above the final size {high} (--max-res, or --image-size)"
+    if values["ramp_start_epoch"] > values["ramp_end_epoch"]:
+        return (f"--ramp-start-epoch {values['ramp_start_epoch']} comes after --ramp-end-epoch "
+                f"{values['ramp_end_epoch']}")
+    if (values["max_res"] or values["ramp_end_epoch"]) and not low:
+        return "--max-res and the ramp epochs need --min-res, the size the ramp starts from"
     return None

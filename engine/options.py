@@ -39,6 +39,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ResolutionConfig:
+    """progressive resizing: the training resolution by epoch (FFCV's: low early, high late)"""
+
+    min_res: int = option(0, "training size from the first epoch to --ramp-start-epoch; 0 = --image-size "
+                             "throughout", low=0)
+    max_res: int = option(0, "training size from --ramp-end-epoch on; 0 = --image-size", low=0)
+    ramp_start_epoch: int = option(0, "last epoch (0-based) at --min-res; between the two the size rises "
+                                      "linearly, rounded to a multiple of 32", low=0)
+    ramp_end_epoch: int = option(0, "first epoch (0-based) at --max-res", low=0)
+    res_schedule: list[int] = option([], "the training size of each epoch, explicitly (the last repeats); "
+                                         "instead of the ramp")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """evaluation"""
 
@@ -157,6 +171,7 @@ class Config:
     """The whole configuration, one group per part of the engine."""
 
     data: DataConfig
+    resolution: ResolutionConfig
     evaluation: EvalConfig
     model: ModelConfig
     optim: OptimConfig

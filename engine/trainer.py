@@ -31,6 +31,7 @@ class Trainer:
         self.out = Path(run.output_dir)
         self.guard = NonFiniteGuard(accelerator.device, optim.max_nonfinite_steps)
         self.bad_samples = 0  # corrupt training samples skipped by all ranks, as last reported
+        self.size_said = None  # the training size last announced on the console
 
     def fit(self) -> StopReason | None:
         """Epochs to the last, with evaluation and checkpoints; returns why it stopped early, if it did."""
@@ -52,7 +53,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> StopReason | None:
         """One epoch from ``progress.batch_in_epoch`` (mid-epoch after a resume)."""
         a, p, learner, prep = self.accelerator, self.progress, self.learner, self.batches.prep
-        self.batches.train.set_epoch(epoch, start_batch=p.batch_in_epoch)
+        self.batches.train.set_epoch(epoch, start_batch=p.batch_in_epoch, image_size=self.resolution(epoch))
         learner.model.train()
         bar = progress_bar(self.run.progress and a.is_main_process, epoch, self.batches_per_epoch, p.batch_in_epoch)
         meter, it, reason = StepMeter(a.device), iter(self.batches.train), None
@@ -83,6 +84,16 @@ class Trainer:
                 reason = self.after_step(meter)
         bar.close() if bar else None
         return reason
+
+    def resolution(self, epoch: int) -> int:
+        """This epoch's training size: logged every epoch, said when it changes (torch.compile and cuDNN see a
+        new shape then: one recompile, or one autotuning, per new size; README, "Train")."""
+        size = self.batches.resolution.at(epoch)
+        self.monitor.log(self.progress.global_step, {"resolution": size}, "train")
+        if size != self.size_said:
+            console.say(f"epoch {epoch}: training at {size}x{size} px")
+            self.size_said = size
+        return size
 
     def after_step(self, meter: StepMeter) -> StopReason | None:
         """Schedule, EMA, logging, checkpoints and the stop check, after each optimizer step."""

@@ -102,3 +102,23 @@ def test_no_buffers_when_shared_memory_is_short(digits_shards, monkeypatch, refe
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "/dev/shm" in r.getMessage()]
     assert len(warned) == 1 and "0.0 GB free" in warned[0].getMessage()  # one line, with the figures
     assert same(epoch(ld, 0), reference[0])
+
+
+def test_a_lower_resolution_fills_the_front_of_the_same_buffers(digits_shards):
+    """Progressive resizing: buffers made for the largest size carry every smaller epoch; the batches equal
+    those of a loader made for that size."""
+    ramp = build_train_loader(digits_shards, batch_size=16, num_workers=WORKERS, image_size=24, max_image_size=40,
+                              seed=1)
+    for size in (24, 40, 32):
+        ramp.set_epoch(1, image_size=size)
+        it = iter(ramp)
+        x, y = next(it)
+        assert ramp._buffers.in_use() >= 1, "the batch came through a buffer, not the DataLoader's hand-off"
+        got = [(x.clone(), y.clone())] + [(a.clone(), b.clone()) for a, b in it]
+        del x
+        assert {tuple(x.shape) for x, _ in got} == {(16, 3, size, size)}
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in got)
+        fixed = build_train_loader(digits_shards, batch_size=16, num_workers=WORKERS, image_size=size, seed=1)
+        assert same(got, epoch(fixed, 1))
+    gc.collect()
+    assert ramp._buffers.in_use() == 0 and ramp._buffers.batch_shape == (16, 3, 40, 40)

@@ -260,3 +260,21 @@ def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path, digits_shards):
                 timeout=420).stdout
     assert "holds no RNG state for rank 1 (written by fewer processes)" in grown
     assert "at step 5 (epoch 0, batch 5)" in grown and re.search(r"final top1=\S+ top5=\S+ images=360 step=8", grown)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_a_resolution_change_resumes_to_the_weights_of_a_straight_run(tmp_path, digits_shards):
+    """Progressive resizing with 2 processes: 24 px in epoch 0, 32 px in epoch 1; stop mid epoch 1, resume."""
+    common = ["--data-dir", digits_shards, *TINY, "--batch-size", "32", "--workers", "1", "--epochs", "2",
+              "--res-schedule", "24", "32", "--log-every", "5", "--seed", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = run(accelerate_launch(2, *common, "--output-dir", straight), timeout=420).stdout
+    assert "epoch 0: training at 24x24 px" in first and "epoch 1: training at 32x32 px" in first
+    run(accelerate_launch(2, *common, "--output-dir", resumed, "--max-steps", "30"), timeout=420)
+    second = run(accelerate_launch(2, *common, "--output-dir", resumed, "--resume", "auto"), timeout=420).stdout
+    assert "at step 30 (epoch 1, batch 8)" in second and "epoch 1: training at 32x32 px" in second
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(resumed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["resolution"] for r in logged if "resolution" in r] == [24, 32]
