@@ -41,6 +41,9 @@ class Trainer:
             if reason:
                 return reason
             self.report_bad_samples()
+            # logged when the epoch ends, before its checkpoint, so a resume neither repeats nor loses the record
+            self.monitor.log(p.global_step, {"epoch": p.epoch, "resolution": self.batches.resolution.at(p.epoch)},
+                             "epoch")
             p.epoch, p.batch_in_epoch = p.epoch + 1, 0
             if self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs):
                 result = self.evaluate()
@@ -86,10 +89,9 @@ class Trainer:
         return reason
 
     def resolution(self, epoch: int) -> int:
-        """This epoch's training size: logged every epoch, said when it changes (torch.compile and cuDNN see a
-        new shape then: one recompile, or one autotuning, per new size; README, "Train")."""
+        """This epoch's training size, said when it changes (torch.compile and cuDNN see a new shape then: one
+        recompile, or one autotuning, per new size; README, "Train"); fit() logs it when the epoch ends."""
         size = self.batches.resolution.at(epoch)
-        self.monitor.log(self.progress.global_step, {"resolution": size}, "train")
         if size != self.size_said:
             console.say(f"epoch {epoch}: training at {size}x{size} px")
             self.size_said = size

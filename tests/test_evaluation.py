@@ -33,9 +33,10 @@ def test_evaluate_reads_only_the_validation_split(tmp_path, digits_shards):
     shards = val_only_copy(digits_shards, tmp_path / "val-only")
     weights = tmp_path / "model.pt"
     torch.save(build_model("resnet20", num_classes=10).state_dict(), weights)
-    # no training split, and a --grad-accum no training set here could feed: neither concerns evaluation
+    # no training split, and a --grad-accum no training set here could feed: neither concerns evaluation;
+    # with its own resolution and flips
     proc = run(trainer("--data-dir", shards, "--arch", "resnet20", *SMALL, "--grad-accum", "1000",
-                       "--evaluate", weights), timeout=180)
+                       "--val-crop", "40", "--val-resize", "44", "--eval-flip", "--evaluate", weights), timeout=180)
     assert "images=360" in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
 
 
@@ -84,14 +85,6 @@ def test_flip_averaging_is_the_mean_of_the_logits_of_each_image_and_its_mirror()
     result = evaluate(net, batches, Identity(), OneProcess(), flip=True)
     assert result["images"] == 7, "each image counted once, not once per view"
     assert result["top1"] == pytest.approx(100 * 5 / 7)
-
-
-def test_evaluation_resolution_and_flips_from_the_command_line(tmp_path, digits_shards):
-    weights = tmp_path / "model.pt"
-    torch.save(build_model("resnet20", num_classes=10).state_dict(), weights)
-    proc = run(trainer("--data-dir", digits_shards, "--arch", "resnet20", *SMALL, "--val-crop", "40",
-                       "--val-resize", "44", "--eval-flip", "--evaluate", weights), timeout=180)
-    assert "images=360" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_model_json_says_how_to_rebuild_a_blurpool_network_and_evaluate_takes_it(tmp_path, digits_shards,

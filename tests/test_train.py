@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -276,5 +277,57 @@ def test_a_run_stopped_after_a_resolution_change_resumes_to_the_weights_of_a_str
     a = torch.load(straight / "model.pt", weights_only=True)
     b = torch.load(resumed / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logged = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["resolution"] for r in logged if "resolution" in r] == [24, 32]
+    for out in (straight, resumed):  # one record per epoch, none repeated by the resume; train lines stay uniform
+        logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["epoch"], r["resolution"]) for r in logged if r["kind"] == "epoch"] == [(0, 24), (1, 32)], out
+        assert all("images_per_s" in r for r in logged if r["kind"] == "train"), out
+
+
+RECIPE_RUNNER = """
+import sys, json
+import train_imagenet
+for argv in json.loads(sys.argv[1]):
+    code = train_imagenet.main(argv)
+    assert code == 0, (argv, code)
+    print("recipe ran:", argv[1], flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """Two classes of 48 x 40 JPEGs: 4 training and 2 validation images, written by our writer."""
+    from PIL import Image
+
+    from data.shards import WriterConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    for split, per_class in (("train", 2), ("val", 1)):
+        for c in range(2):
+            for i in range(per_class):
+                path = root / split / f"n0000000{c}" / f"{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (48, 40), (80 * c, 30 * i, 120)).save(path)
+    write_dataset(root / "shards", root / "train", root / "val", cfg=WriterConfig(shard_size=4, workers=1))
+    return root / "shards"
+
+
+@pytest.mark.slow
+def test_every_shipped_recipe_starts_with_its_network_and_resolution(tmp_path, tiny_shards):
+    """Each recipe for one short epoch on tiny shards: its arch, optimizer, augmentation, resolution schedule,
+    BlurPool, evaluation resolution and flips as written; batch, epochs, workers and precision overridden."""
+    recipes = sorted((ROOT / "launch/configs").glob("*.yaml"))
+    runs = [["--config", str(r), "--data-dir", str(tiny_shards), "--epochs", "1", "--batch-size", "2",
+             "--workers", "0", "--precision", "no", "--no-progress", "--log-every", "1",
+             "--output-dir", str(tmp_path / r.stem)] for r in recipes]
+    proc = run([sys.executable, "-c", RECIPE_RUNNER, json.dumps(runs)], timeout=600)
+    assert proc.stdout.count("recipe ran:") == len(recipes), proc.stdout
+    for recipe in recipes:
+        written = yaml.safe_load((tmp_path / recipe.stem / "config.yaml").read_text())
+        source = yaml.safe_load(recipe.read_text())
+        assert all(written[k.replace("-", "_")] == v for k, v in source.items()
+                   if k not in ("data-dir", "epochs", "batch-size", "workers", "precision", "output-dir",
+                                "log-every")), recipe
+        logged = [json.loads(x) for x in (tmp_path / recipe.stem / "metrics.jsonl").read_text().splitlines()]
+        first = source.get("min-res") or source.get("image-size", 224)
+        assert [r["resolution"] for r in logged if r["kind"] == "epoch"] == [first], recipe
+        assert any(r["kind"] == "val" and r["images"] == 2 for r in logged), recipe
