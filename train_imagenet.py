@@ -51,7 +51,7 @@ from engine.evaluation import check_count, evaluate, load_weights
 from engine.monitor import Monitor
 from engine.recipe import (Learner, build_criterion, build_ema, build_network, build_optimizer, build_scheduler,
                            network_card)
-from engine.runtime import adopt_slurm_ranks, make_accelerator, write_run_info
+from engine.runtime import adopt_slurm_ranks, allow_a_graph_per_size, make_accelerator, write_run_info
 from engine.stops import StopRequest
 from engine.trainer import Trainer
 
@@ -74,6 +74,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     write_run_info(cfg, accelerator, out)
     # data: this rank's uint8 batches, and the way they are normalised (and mixed) on the device
     resolution = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
+    if cfg.runtime.compile:
+        allow_a_graph_per_size(len(resolution.sizes()))
     loader = open_train_loader(cfg.data, cfg.augment, resolution, batch_size=cfg.optim.batch_size,
                                seed=cfg.run.seed, accelerator=accelerator)
     steps = steps_per_epoch(loader, grad_accum=cfg.optim.grad_accum, world_size=world)

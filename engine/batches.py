@@ -38,8 +38,11 @@ class ResolutionSchedule:
         t = (epoch - r.ramp_start_epoch) / (r.ramp_end_epoch - r.ramp_start_epoch)
         return round((r.min_res + t * (high - r.min_res)) / 32) * 32  # half to even, as FFCV's np.round
 
+    def sizes(self) -> set[int]:
+        return {self.at(e) for e in range(self.epochs)}
+
     def largest(self) -> int:
-        return max(self.at(e) for e in range(self.epochs))
+        return max(self.sizes())
 
 
 @dataclass

@@ -59,6 +59,16 @@ def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
     return accelerator
 
 
+def allow_a_graph_per_size(sizes: int) -> None:
+    """With --compile, each training size gets its own graph: inductor's convolution backward fixes the spatial
+    sizes, so dynamic shapes cannot share one (torch 2.14, seen with TORCH_LOGS=+dynamic). Past dynamo's
+    recompile limit (8) a model would silently run eager for the rest of the run; room for every size, plus the
+    evaluation's shapes (full and last batch, model and EMA)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, sizes + 4)
+
+
 def any_rank(accelerator, *flags: bool) -> list[bool]:
     """For each flag, whether it is set on any rank: one all-reduce, which every rank must call."""
     t = torch.tensor([float(f) for f in flags], device=accelerator.device)

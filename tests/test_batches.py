@@ -43,3 +43,19 @@ def test_a_schedule_that_cannot_be_is_one_line(argv, message, capsys):
         parse_config(["--synthetic", *argv])
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_compile_gets_room_for_a_graph_per_training_size(monkeypatch):
+    """Past dynamo's recompile limit a compiled model silently runs eager: every size needs its graph."""
+    import torch._dynamo
+
+    from engine.runtime import allow_a_graph_per_size
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    many = [str(s) for s in range(64, 64 + 32 * 12, 32)]  # 12 sizes
+    cfg = parse_config(["--synthetic", "--epochs", "12", "--res-schedule", *many])
+    schedule = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
+    allow_a_graph_per_size(len(schedule.sizes()))
+    assert torch._dynamo.config.recompile_limit >= 12 + 2
+    allow_a_graph_per_size(1)  # never lowered
+    assert torch._dynamo.config.recompile_limit >= 12 + 2
