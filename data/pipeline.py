@@ -3,7 +3,8 @@
 Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` in channels_last
 memory (normalise on the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in;
 nothing here needs ``torch.distributed``. The loaders are plain iterables: do not pass them through
-``accelerator.prepare``.
+``accelerator.prepare``. With ``decode_on`` (a device) the workers ship undecoded JPEGs and the images
+arrive decoded on that device (data/device_decode.py); everything below holds either way.
 
 Training (``build_train_loader``)
     Every rank yields exactly ``len(loader) = num_samples // (batch_size * world_size)`` full batches
@@ -17,8 +18,9 @@ Training (``build_train_loader``)
     A slot streams its run through a shuffle buffer of undecoded samples and cuts it into batches.
     The DataLoader takes batch ``i`` of a rank from worker ``i % num_workers``, so slot ``v`` owns the
     rank's batches ``v, v + W, v + 2W, ...``: the batches are a function of (seed, epoch, rank,
-    world size, worker count, image size) only; ``set_epoch`` may change the size from epoch to epoch. Random augmentation is seeded per batch, which makes
-    ``set_epoch(e, start_batch=k)`` exact; the skipped batches are read but not decoded.
+    world size, worker count, image size) only; ``set_epoch`` may change the size from epoch to epoch.
+    Random augmentation is seeded per batch, which makes ``set_epoch(e, start_batch=k)`` exact; the
+    skipped batches are read but not decoded.
 
 Validation (``build_val_loader``)
     Shard ``s`` goes to slot ``s % (world_size * W)``: every sample is read by exactly one rank and
@@ -51,11 +53,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from .batch_buffers import BatchBuffers, BufferedBatch, nchw
+from .device_decode import DeviceDecoder, EncodedBatch, decode_ahead
 from .errors import DataError
-from .shards import IMAGE_KEY, LABEL_KEY, NAME_KEY
+from .shards import IMAGE_KEY, LABEL_KEY, describe
 from .sources import ShardSet, resolve_shards
 from .tarstream import tar_members
-from .transforms import TrainAugment, train_transform, val_transform
+from .transforms import PlanCrop, PlanResize, TrainAugment, train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +139,9 @@ class BadSampleCounter:
 
 
 def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampleCounter):
-    """Decode and transform ``raw`` samples; returns (list of images, list of labels, number of bad
-    samples skipped)."""
-    images, labels, bad_url = [], [], None
+    """Decode and transform ``raw`` samples (with decode='device': plan them); returns the lists of images,
+    labels and samples kept."""
+    images, labels, kept, bad_url = [], [], [], None
     for s in raw:
         try:
             label = int(s[LABEL_KEY])
@@ -146,15 +149,13 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
                 raise ValueError(f"class index {label} outside [0, {num_classes})")
             images.append(transform(s[IMAGE_KEY]))
             labels.append(label)
+            kept.append(s)
         # RuntimeError: torchvision's JPEG decoder; the others: PIL and a missing or bad 'cls'
         except (KeyError, ValueError, OSError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
-            name = s.get(NAME_KEY, b"?").decode("utf-8", "replace")
-            log.warning("skipping corrupt sample %s (%s) in shard %s: %s: %s",
-                        s.get("__key__"), name, s.get("__url__"), type(e).__name__, e)
+            log.warning("skipping corrupt sample %s: %s: %s", describe(s), type(e).__name__, e)
             bad_url = s.get("__url__")
-    bad = len(raw) - len(images)
-    counter.add(bad, len(raw), bad_url)
-    return images, labels, bad
+    counter.add(len(raw) - len(images), len(raw), bad_url)
+    return images, labels, kept
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +198,7 @@ class _TrainStream(IterableDataset):
     """The batches of one rank; each DataLoader worker produces those of its slot (see module doc)."""
 
     def __init__(self, shards: ShardSet, loader: "TrainLoader", augment: TrainAugment):
-        self.shards, self.augment, self._transforms = shards, augment, {}
+        self.shards, self.augment, self.decode, self._transforms = shards, augment, loader.decode, {}
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.batch_size, self.num_batches = loader.batch_size, loader.num_batches
         self.shuffle_buffer, self.state, self.counter = loader.shuffle_buffer, loader._state, loader._counter
@@ -213,9 +214,11 @@ class _TrainStream(IterableDataset):
         return self._batches(epoch, start, (worker + start) % workers, workers, self.transform(size))
 
     def transform(self, size: int):
-        """timm's training transform at ``size`` px, made once per size in each worker."""
+        """timm's training transform at ``size`` px (with decode='device': its planner), made once per size in
+        each worker."""
         if size not in self._transforms:
-            self._transforms[size] = train_transform(size, self.augment)
+            tf = train_transform(size, self.augment)
+            self._transforms[size] = PlanCrop(tf) if self.decode == "device" else tf
         return self._transforms[size]
 
     def _slot_range(self, v: int, workers: int) -> tuple[int, int]:
@@ -260,11 +263,14 @@ class _TrainStream(IterableDataset):
             if m < first:
                 continue  # resume: read past, never decode
             with _seeded(_rng("augment", self.seed, epoch, slot, m).getrandbits(63)):
-                images, labels, bad = decode_batch(raw, transform, self.shards.num_classes, self.counter)
+                images, labels, kept = decode_batch(raw, transform, self.shards.num_classes, self.counter)
             if not images:
                 raise DataError(f"every sample of a batch is corrupt (shard {raw[-1]['__url__']})")
-            if bad:  # refill from the good samples of this batch: batch stays full, resume stays exact
-                images, labels = ([x[i % len(x)] for i in range(B)] for x in (images, labels))
+            if len(images) < B:  # refill from the good samples of this batch: batch stays full, resume stays exact
+                images, labels, kept = ([x[i % len(x)] for i in range(B)] for x in (images, labels, kept))
+            if self.decode == "device":
+                yield EncodedBatch.pack(images, labels, kept, size=transform.size, resize=0)
+                continue
             batch = self.buffers.fill(_worker()[0], images, labels) if self.buffers else None
             yield batch or (_stack(images), torch.tensor(labels, dtype=torch.int64))
 
@@ -274,10 +280,10 @@ class TrainLoader:
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
                  seed: int, augment: TrainAugment, image_size: int, max_bad_fraction: float,
-                 max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER):
+                 max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.decode = shuffle_buffer, "cpu" if decode_on is None else "device"
         self.num_batches = self.num_samples // (batch_size * world_size)
         _check_train_plan(shards, batch_size, world_size, max(1, num_workers))
         # (epoch, start_batch, image size), read by the workers
@@ -287,7 +293,9 @@ class TrainLoader:
         # The transforms make 3 x size x size uint8 images, at most max_image_size; a worker that gets
         # anything larger sends it the DataLoader's way (BatchBuffers.fill)
         big = max(image_size, max_image_size or 0)
-        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, big, big)) if num_workers > 0 else None
+        pixels = num_workers > 0 and decode_on is None  # with decode_on the workers ship bytes
+        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, big, big)) if pixels else None
+        self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=True)
         stream = _TrainStream(shards, self, augment)
         stream.transform(image_size)  # here, so a bad augmentation option fails before any worker starts
         self._loader = DataLoader(stream, batch_size=None,
@@ -302,6 +310,11 @@ class TrainLoader:
         """Corrupt samples skipped so far, over all workers of this rank."""
         return self._counter.bad
 
+    @property
+    def cpu_fallbacks(self) -> int:
+        """decode='device': images decoded on the CPU so far instead (see data/device_decode.py)."""
+        return self._decoder.cpu_fallbacks if self._decoder else 0
+
     def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
         """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would, of images
         ``image_size`` px square (progressive resizing; default: the size last set)."""
@@ -315,8 +328,9 @@ class TrainLoader:
         self._epoch, self._start = epoch + 1, 0  # without a set_epoch call, the next iteration is the next epoch
         self._state[0], self._state[1], self._state[2] = epoch, start, self.image_size
         n = 0
+        batches = decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
         try:
-            for batch in self._loader:
+            for batch in batches:
                 n += 1
                 yield batch.batch() if isinstance(batch, BufferedBatch) else batch
         except DataError as e:
@@ -343,6 +357,7 @@ class _ValStream(IterableDataset):
     def __init__(self, shards: ShardSet, loader: "ValLoader", transform):
         self.shards, self.transform, self.counter = shards, transform, loader._counter
         self.rank, self.world_size, self.batch_size = loader.rank, loader.world_size, loader.batch_size
+        self.encoded = isinstance(transform, PlanResize)
 
     def __iter__(self):
         worker, workers = _worker()
@@ -350,8 +365,10 @@ class _ValStream(IterableDataset):
         mine = self.shards.urls[self.rank * workers + worker::slots]
         samples = (s for url in mine for s in read_shard(url))
         while raw := list(islice(samples, self.batch_size)):
-            images, labels, _ = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
-            if images:
+            images, labels, kept = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
+            if images and self.encoded:
+                yield EncodedBatch.pack(images, labels, kept, size=self.transform.size, resize=self.transform.resize)
+            elif images:
                 yield _stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -359,13 +376,15 @@ class ValLoader:
     """Every validation sample exactly once over all ranks and workers; finite; last batches may be short."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 transform, max_bad_fraction: float = 0.001):
+                 transform, max_bad_fraction: float = 0.001, decode_on=None):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         workers, slots = max(1, num_workers), world_size * max(1, num_workers)
         self._len = sum(math.ceil(sum(shards.lengths[rank * workers + w::slots]) / batch_size)
                         for w in range(workers))
         self._counter = BadSampleCounter(max_bad_fraction)
+        self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=False)
+        transform = transform if decode_on is None else PlanResize(transform)
         self._loader = DataLoader(_ValStream(shards, self, transform), batch_size=None, num_workers=num_workers,
                                   persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
@@ -377,9 +396,14 @@ class ValLoader:
     def bad_samples(self) -> int:
         return self._counter.bad
 
+    @property
+    def cpu_fallbacks(self) -> int:
+        """decode_on: images decoded on the CPU so far instead (see data/device_decode.py)."""
+        return self._decoder.cpu_fallbacks if self._decoder else 0
+
     def __iter__(self):
         try:
-            yield from self._loader
+            yield from decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
         except DataError as e:
             raise DataError(_one_line(e)) from None
 
@@ -390,26 +414,27 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
                        world_size: int = 1, seed: int = 0, image_size: int = 224,
                        augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
                        max_image_size: int | None = None, info: str | None = None,
-                       shuffle_buffer: int = SHUFFLE_BUFFER) -> TrainLoader:
+                       shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None) -> TrainLoader:
     """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources), of
     ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
-    sizes the shared-memory batch buffers)."""
+    sizes the shared-memory batch buffers). ``decode_on`` None: the workers decode; a device: the JPEGs of
+    each batch are decoded there in one call (data/device_decode.py)."""
     _check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
-                       max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer)
+                       max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on)
 
 
 def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
                      world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
-                     resize: int | None = None, info: str | None = None) -> ValLoader:
+                     resize: int | None = None, info: str | None = None, decode_on=None) -> ValLoader:
     """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
-    crop_pct), centre crop image_size."""
+    crop_pct), centre crop image_size; on ``decode_on`` as build_train_loader says."""
     _check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                     transform=val_transform(image_size, crop_pct, resize))
+                     transform=val_transform(image_size, crop_pct, resize), decode_on=decode_on)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -36,6 +36,12 @@ INFO_FILE = "_info.json"
 CLASSES_FILE = "classes.txt"
 SKIPPED_FILE = "skipped.txt"
 SPLITS = ("train", "val")
+
+
+def describe(sample: dict) -> str:
+    """'key (file) in shard url': how warnings name a sample read back from a shard."""
+    name = sample.get(NAME_KEY, b"?").decode("utf-8", "replace")
+    return f"{sample.get('__key__')} ({name}) in shard {sample.get('__url__')}"
 # Class folders are written in sorted order; shuffling the training list once (fixed seed, so the
 # output stays deterministic) puts many classes in every shard, which the reader's small shuffle
 # buffer alone could not do.

@@ -25,8 +25,8 @@ import torchvision.transforms.functional as F
 import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from timm.data import create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.transforms import InterpolationMode
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+from torchvision.transforms import CenterCrop, InterpolationMode, RandomHorizontalFlip, Resize
 
 try:  # without torchvision's JPEG decoder, every image takes the PIL path below
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -37,20 +37,28 @@ _TORCH_RESIZE = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame; C4/C8/CC are other tables
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame segment, or None if ``data`` is not a JPEG."""
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, colour components) from a JPEG's start-of-frame segment, or None if ``data`` is not
+    a JPEG."""
     if data[:2] != b"\xff\xd8":
         return None
     pos = 2
-    while pos + 9 <= len(data) and data[pos] == 0xFF:
+    while pos + 10 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker in _SOF_MARKERS:
-            return int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
+            return (int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big"),
+                    data[pos + 9])
         else:
             pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, or None if ``data`` is not a JPEG."""
+    header = jpeg_header(data)
+    return header[:2] if header else None
 
 
 @dataclass
@@ -98,15 +106,21 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 
     tensor_output = False
 
+    def draw(self, full_w: int, full_h: int) -> tuple[tuple[int, int, int, int], InterpolationMode]:
+        """timm's random draws for an image of this size: the crop box (top, left, height, width) and the
+        interpolation (drawn only when timm's is 'random')."""
+        # timm's get_params only asks for the size: a zero-stride tensor view has it without any pixels
+        box = self.get_params(torch.empty(1, 1, 1).expand(3, full_h, full_w), self.scale, self.ratio)
+        interpolation = self.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        return box, interpolation
+
     def __call__(self, data: bytes):
         size = jpeg_size(data)
         img = None if size else Image.open(io.BytesIO(data))
         full_w, full_h = size or img.size
-        # timm's get_params only asks for the size: a zero-stride tensor view has it without any pixels
-        i, j, h, w = self.get_params(torch.empty(1, 1, 1).expand(3, full_h, full_w), self.scale, self.ratio)
-        interpolation = self.interpolation
-        if isinstance(interpolation, (tuple, list)):
-            interpolation = random.choice(interpolation)
+        (i, j, h, w), interpolation = self.draw(full_w, full_h)
         out_h, out_w = self.size
         shrink = min(w / out_w, h / out_h)  # how far the crop could be scaled down and still cover the output
         if size and self.tensor_output and decode_jpeg and shrink < 2 and interpolation in _TORCH_RESIZE:
@@ -170,3 +184,76 @@ def val_transform(image_size: int, crop_pct: float, resize: int | None = None):
                           crop_pct=crop_pct, interpolation="bilinear")
     tf.transforms.insert(0, DecodeForResize(math.floor(image_size / crop_pct)))
     return tf
+
+
+# ---------------------------------------------------------------- --decode device: what the workers ship
+
+
+@dataclass
+class Plan:
+    """An image for the device to decode: its JPEG bytes and what to do with it there. ``box`` is the crop
+    (top, left, height, width) resized to the output; None for validation's shorter-side resize and centre
+    crop."""
+
+    data: bytes
+    box: tuple[int, int, int, int] | None = None
+    flip: bool = False
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+
+def device_header(data: bytes) -> tuple[int, int, int] | None:
+    """The JPEG header of ``data`` if the device gets it: a three-component (YCbCr) JPEG that ends with its
+    end-of-image marker. The rest (greyscale, CMYK, PNG bytes named .jpg, truncated files) the workers decode
+    on the CPU as before: nvJPEG refuses or misreads some of them, and a truncated file then fails exactly
+    where the CPU path fails it, with the same random draws."""
+    header = jpeg_header(data)
+    return header if header is not None and header[2] == 3 and b"\xff\xd9" in data[-64:] else None
+
+
+class PlanCrop:
+    """Training with --decode device: image bytes -> Plan, with exactly the random draws of ``transform``
+    (train_transform's output) in its order: timm's crop box, then the flip. Images the device does not get
+    go through ``transform`` here, on the CPU, and come back decoded."""
+
+    resize = 0  # no shorter-side resize: the crop box goes straight to the output size
+
+    def __init__(self, transform):
+        self.transform, self.crop, self.flip = transform, None, None
+        for t in transform.transforms:
+            if isinstance(t, DecodeRandomResizedCrop):
+                self.crop = t
+            elif isinstance(t, RandomHorizontalFlip):
+                self.flip = t
+            elif not isinstance(t, MaybePILToTensor):
+                raise ValueError(f"decode='device' does the random-resized crop and the flip on the device, not "
+                                 f"{type(t).__name__}: use decode='cpu' for it")
+        modes = self.crop.interpolation if isinstance(self.crop.interpolation, (tuple, list)) else \
+            (self.crop.interpolation,)
+        if any(m not in _TORCH_RESIZE for m in modes):
+            raise ValueError(f"decode='device' resizes bilinear or bicubic, not {modes}")
+        self.size = self.crop.size[0]
+
+    def __call__(self, data: bytes):
+        header = device_header(data)
+        if header is None:
+            return self.transform(data)
+        box, interpolation = self.crop.draw(header[0], header[1])
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # RandomHorizontalFlip's one draw
+        return Plan(data, box, flip, interpolation)
+
+
+class PlanResize:
+    """Validation with --decode device: image bytes -> Plan for ``transform``'s (val_transform's) shorter-side
+    resize and centre crop on the device; the images the device does not get are decoded here by
+    ``transform``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        resize = next(t for t in transform.transforms if isinstance(t, Resize))
+        self.resize, self.interpolation = resize.size, resize.interpolation
+        self.size = next(t for t in transform.transforms if isinstance(t, CenterCrop)).size[0]
+
+    def __call__(self, data: bytes):
+        if device_header(data) is None:
+            return self.transform(data)
+        return Plan(data, None, False, self.interpolation)

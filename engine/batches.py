@@ -70,7 +70,7 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
                               num_workers=data.workers, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
                               max_image_size=resolution.largest(), augment=timm_augment,
-                              max_bad_fraction=data.max_bad_fraction)
+                              max_bad_fraction=data.max_bad_fraction, decode_on=decode_on(data, accelerator))
 
 
 def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, accelerator):
@@ -80,7 +80,12 @@ def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int
     return build_val_loader(data.data_dir, split=data.val_split, batch_size=batch_size, num_workers=data.workers,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,
-                            resize=evaluation.val_resize or None)
+                            resize=evaluation.val_resize or None, decode_on=decode_on(data, accelerator))
+
+
+def decode_on(data: DataConfig, accelerator):
+    """Where the loaders decode JPEGs: None, in the workers; or this process's device (--decode device)."""
+    return accelerator.device if data.decode == "device" else None
 
 
 def steps_per_epoch(loader, *, grad_accum: int, world_size: int) -> int:

@@ -145,6 +145,9 @@ def check_combinations(values: dict) -> str | None:
         return f"--nesterov applies to --opt sgd or lars, not {values['opt']}"
     if not values["synthetic"] and not values["data_dir"]:
         return "--data-dir is required (or --synthetic)"
+    if values["decode"] == "device" and (values["auto_augment"] or values["color_jitter"]):
+        return ("--decode device crops, resizes and flips on the device; --auto-augment and --color-jitter "
+                "work on decoded images in the workers: use --decode cpu with them")
     if (values["mixup"] > 0 or values["cutmix"] > 0) and values["batch_size"] % 2:
         return f"--mixup/--cutmix need an even --batch-size (timm mixes pairs), got {values['batch_size']}"
     return None

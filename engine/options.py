@@ -33,6 +33,10 @@ class DataConfig:
     image_size: int = option(224, "training crop and evaluation size, pixels", low=8)
     max_bad_fraction: float = option(0.001, "stop when more than this fraction of training samples cannot be "
                                             "decoded", low=0.0)
+    decode: str = option("cpu", "where JPEGs are decoded: 'cpu' in the loader workers, or 'device': the workers "
+                                "ship the bytes and each batch is decoded in one call on the training device "
+                                "(nvJPEG on a GPU), then cropped, resized and flipped there",
+                         choices=("cpu", "device"))
     synthetic: bool = option(False, "random data made on the device: measures the model without the loader")
     synthetic_steps: int = option(100, "steps per epoch with --synthetic", low=1)
     num_classes: int = option(1000, "with --synthetic only; else from classes.txt", low=2)

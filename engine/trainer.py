@@ -31,6 +31,7 @@ class Trainer:
         self.out = Path(run.output_dir)
         self.guard = NonFiniteGuard(accelerator.device, optim.max_nonfinite_steps)
         self.bad_samples = 0  # corrupt training samples skipped by all ranks, as last reported
+        self.cpu_fallbacks = 0  # --decode device: images decoded on the CPU instead, by all ranks, as last reported
         self.size_said = None  # the training size last announced on the console
 
     def fit(self) -> StopReason | None:
@@ -153,15 +154,21 @@ class Trainer:
         return result
 
     def report_bad_samples(self) -> None:
-        """Corrupt training samples skipped this epoch by all ranks (the loader warns about each by name)."""
-        a = self.accelerator
-        mine = torch.tensor([float(getattr(self.batches.train, "bad_samples", 0))], device=a.device)
-        total = int((a.reduce(mine, reduction="sum") if a.num_processes > 1 else mine).item())
-        new, self.bad_samples = total - self.bad_samples, total
-        self.monitor.log(self.progress.global_step, {"bad_samples": new}, "data")
+        """Corrupt training samples skipped this epoch by all ranks (the loader warns about each by name), and
+        with --decode device the images decoded on the CPU instead (data/device_decode.py says which)."""
+        a, train = self.accelerator, self.batches.train
+        mine = torch.tensor([float(getattr(train, "bad_samples", 0)), float(getattr(train, "cpu_fallbacks", 0))],
+                            device=a.device)
+        bad, fallbacks = (int(v) for v in (a.reduce(mine, reduction="sum") if a.num_processes > 1 else mine).tolist())
+        new, self.bad_samples = bad - self.bad_samples, bad
+        new_fallbacks, self.cpu_fallbacks = fallbacks - self.cpu_fallbacks, fallbacks
+        self.monitor.log(self.progress.global_step, {"bad_samples": new, "cpu_fallbacks": new_fallbacks}, "data")
         if new:
             console.say(f"epoch {self.progress.epoch}: skipped {new} corrupt training samples "
                         "(named in the warnings above)")
+        if new_fallbacks:
+            console.say(f"epoch {self.progress.epoch}: {new_fallbacks} training images decoded on the CPU, not the "
+                        "device (greyscale, CMYK or not JPEG, or refused by the device's decoder)")
 
     def save(self) -> StopReason | None:
         """A checkpoint, unless the loss or the weights went non-finite: then NONFINITE, and nothing is written."""

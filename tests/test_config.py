@@ -79,3 +79,12 @@ def test_the_evaluation_resolution_defaults_to_the_training_one_and_must_cover_i
     with pytest.raises(SystemExit):
         parse_config(["--synthetic", "--val-crop", "224", "--val-resize", "200"])
     assert "--val-resize 200 is smaller than the crop (224)" in capsys.readouterr().err
+
+
+def test_decode_device_with_an_augmentation_of_decoded_images_is_one_clear_line(capsys):
+    assert parse_config(["--synthetic", "--decode", "device"]).data.decode == "device"
+    for flag in (["--auto-augment", "rand-m9-mstd0.5"], ["--color-jitter", "0.4"]):
+        with pytest.raises(SystemExit):
+            parse_config(["--synthetic", "--decode", "device", *flag])
+        err = capsys.readouterr().err
+        assert "use --decode cpu with them" in err and err.count("\n") == 1, err

@@ -59,9 +59,15 @@ def _epoch(loader, epoch=None, start=0):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
+# decode_on="cpu": decode='device' with the CPU as the device (data/device_decode.py), which must keep every
+# guarantee of the loaders: the tests below run both ways
+DECODE = pytest.mark.parametrize("decode_on", [None, "cpu"], ids=["workers-decode", "device-decode"])
+
+
+@DECODE
 @pytest.mark.parametrize("workers", [0, 2])
-def test_batches_are_uint8_images_with_the_right_labels(shards, workers):
-    loader = _train(shards, num_workers=workers)
+def test_batches_are_uint8_images_with_the_right_labels(shards, workers, decode_on):
+    loader = _train(shards, num_workers=workers, decode_on=decode_on)
     assert (len(loader), loader.num_samples, loader.num_classes, loader.batch_size) == (15, 60, 3, 4)
     batches = _epoch(loader)
     assert len(batches) == 15
@@ -93,13 +99,14 @@ def shards_of(root: Path, split: str) -> list[str]:
     return json.loads((root / "_info.json").read_text())["splits"][split]["filenames"]
 
 
+@DECODE
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_validation_sample_is_read_by_exactly_one_rank(shards, world_size, workers):
+def test_every_validation_sample_is_read_by_exactly_one_rank(shards, world_size, workers, decode_on):
     per_rank = []
     for rank in range(world_size):
         loader = build_val_loader(shards, batch_size=4, num_workers=workers, rank=rank, world_size=world_size,
-                                  image_size=SIZE, crop_pct=1.0)
+                                  image_size=SIZE, crop_pct=1.0, decode_on=decode_on)
         batches = _epoch(loader)
         assert len(batches) == len(loader)
         assert loader.num_samples == len(VAL_IDS)
@@ -132,12 +139,14 @@ def test_same_seed_gives_identical_batches_including_augmentation(shards):
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
+@DECODE
 @pytest.mark.parametrize("workers, start", [(0, 5), (2, 3), (2, 6), (2, 14), (2, 15)])
-def test_set_epoch_with_start_batch_yields_the_tail_of_the_full_epoch(shards, workers, start):
-    # a real crop and colour jitter, so the check covers augmentation too
-    aug = TrainAugment(scale=(0.08, 1.0), color_jitter=0.4)
-    full = _epoch(_train(shards, num_workers=workers, augment=aug), 4)
-    resumed = _train(shards, num_workers=workers, augment=aug)
+def test_set_epoch_with_start_batch_yields_the_tail_of_the_full_epoch(shards, workers, start, decode_on):
+    # a real crop and colour jitter (a flip on the device, which takes no jitter), so the check covers
+    # augmentation too
+    aug = TrainAugment(scale=(0.08, 1.0), **({"color_jitter": 0.4} if decode_on is None else {"hflip": 0.5}))
+    full = _epoch(_train(shards, num_workers=workers, augment=aug, decode_on=decode_on), 4)
+    resumed = _train(shards, num_workers=workers, augment=aug, decode_on=decode_on)
     tail = _epoch(resumed, 4, start)
     assert len(tail) == len(full) - start
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(full[start:], tail))
@@ -168,8 +177,9 @@ def corrupt_shards(shards, tmp_path) -> Path:
     return out
 
 
-def test_corrupt_samples_are_skipped_with_a_warning_and_counted(corrupt_shards, caplog):
-    loader = _train(corrupt_shards, batch_size=2)  # 62 samples: 31 batches, all read
+@DECODE
+def test_corrupt_samples_are_skipped_with_a_warning_and_counted(corrupt_shards, caplog, decode_on):
+    loader = _train(corrupt_shards, batch_size=2, decode_on=decode_on)  # 62 samples: 31 batches, all read
     with caplog.at_level(logging.WARNING, logger="data.pipeline"):
         batches = _epoch(loader)
     assert len(batches) == 31 and all(x.shape[0] == 2 for x, _ in batches)
@@ -181,8 +191,9 @@ def test_corrupt_samples_are_skipped_with_a_warning_and_counted(corrupt_shards, 
     assert any("no-cls" in w and shard in w for w in warnings)
 
 
-def test_corrupt_samples_are_counted_across_worker_processes(corrupt_shards):
-    loader = _train(corrupt_shards, batch_size=2, num_workers=2)
+@DECODE
+def test_corrupt_samples_are_counted_across_worker_processes(corrupt_shards, decode_on):
+    loader = _train(corrupt_shards, batch_size=2, num_workers=2, decode_on=decode_on)
     assert len(_epoch(loader)) == 31
     assert loader.bad_samples == 2
 

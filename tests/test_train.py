@@ -265,15 +265,17 @@ def test_a_checkpoint_from_one_process_resumes_on_two(tmp_path, digits_shards):
 
 @pytest.mark.slow
 def test_a_run_stopped_after_a_resolution_change_resumes_to_the_weights_of_a_straight_run(tmp_path, digits_shards):
-    """Progressive resizing with 2 processes: 24 px in epoch 0, 32 px in epoch 1; stop mid epoch 1, resume."""
+    """Progressive resizing with 2 processes: 24 px in epoch 0, 32 px in epoch 1; stop mid epoch 1, resume.
+    With --decode device (the CPU as the device): resume and validation counts stay exact that way too."""
     common = ["--data-dir", digits_shards, *TINY, "--batch-size", "32", "--workers", "1", "--epochs", "2",
-              "--res-schedule", "24", "32", "--log-every", "5", "--seed", "1"]
+              "--res-schedule", "24", "32", "--log-every", "5", "--seed", "1", "--decode", "device"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = run(accelerate_launch(2, *common, "--output-dir", straight), timeout=420).stdout
     assert "epoch 0: training at 24x24 px" in first and "epoch 1: training at 32x32 px" in first
     run(accelerate_launch(2, *common, "--output-dir", resumed, "--max-steps", "30"), timeout=420)
     second = run(accelerate_launch(2, *common, "--output-dir", resumed, "--resume", "auto"), timeout=420).stdout
     assert "at step 30 (epoch 1, batch 8)" in second and "epoch 1: training at 32x32 px" in second
+    assert re.search(r"final top1=\S+ top5=\S+ images=360 step=44", second), second
     a = torch.load(straight / "model.pt", weights_only=True)
     b = torch.load(resumed / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -331,3 +333,20 @@ def test_every_shipped_recipe_starts_with_its_network_and_resolution(tmp_path, t
         first = source.get("min-res") or source.get("image-size", 224)
         assert [r["resolution"] for r in logged if r["kind"] == "epoch"] == [first], recipe
         assert any(r["kind"] == "val" and r["images"] == 2 for r in logged), recipe
+
+
+@pytest.mark.slow
+def test_decode_device_on_the_cpu_trains_the_same_weights_as_decode_cpu(tmp_path, digits_shards):
+    """The digits demo's recipe for one epoch: digits are small enough that every crop is decoded in full on the
+    CPU path too, so --decode device (batched decode, crop, resize and flip in the main process) must give the
+    same batches, the same accuracy and bit-identical weights."""
+    outs = {}
+    for mode in ("cpu", "device"):
+        outs[mode] = tmp_path / mode
+        proc = run(trainer("--config", ROOT / "launch/configs/digits_demo.yaml", "--data-dir", digits_shards,
+                           "--epochs", "1", "--no-progress", "--decode", mode, "--output-dir", outs[mode]),
+                   timeout=300)
+        outs[mode, "top1"] = re.search(r"final top1=(\S+) .*images=360", proc.stdout).group(1)
+    assert outs["cpu", "top1"] == outs["device", "top1"]
+    a, b = (torch.load(outs[m] / "model.pt", weights_only=True) for m in ("cpu", "device"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,212 @@
+"""data/device_decode.py (--decode device) against the CPU path, with the CPU as the device: the same code path
+that decodes with nvJPEG on a GPU (one batched call, then crop, resize and flip on the device)."""
+
+import io
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import data.device_decode
+from data import build_train_loader, build_val_loader
+from data.shards import WriterConfig, write_dataset
+from data.transforms import DecodeRandomResizedCrop, PlanCrop, TrainAugment, train_transform
+
+AUG = TrainAugment(scale=(0.08, 1.0), hflip=0.5)
+
+
+def photo(seed: int, width: int = 320, height: int = 240) -> Image.Image:
+    """A smooth random scene with sensor-like noise: what JPEG decoders and resizers see in real photos."""
+    rng = np.random.RandomState(seed)
+    scene = Image.fromarray(rng.randint(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(scene, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for split, n in (("train", 32), ("val", 12)):
+        for i in range(n):
+            path = root / split / f"c{i % 2}" / f"{i:03d}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            photo(i + 1000 * (split == "val")).save(path, quality=90)
+    write_dataset(root / "out", root / "train", root / "val", cfg=WriterConfig(shard_size=8, workers=1))
+    return root / "out"
+
+
+def recorded_draws(monkeypatch) -> list:
+    """Every crop box timm's random-resized crop draws, in order, as (box, image width, image height)."""
+    draws, draw = [], DecodeRandomResizedCrop.draw
+
+    def recording(self, full_w, full_h):
+        box, interpolation = draw(self, full_w, full_h)
+        draws.append((box, full_w, full_h))
+        return box, interpolation
+
+    monkeypatch.setattr(DecodeRandomResizedCrop, "draw", recording)
+    return draws
+
+
+def epoch(loader) -> list:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_device_batches_have_the_cpu_paths_labels_crop_boxes_and_pixels(photo_shards, monkeypatch):
+    """Tolerance: where the CPU path decodes in full (crop < 2x the output), the pixels are identical on the
+    CPU device; where it decodes at 1/2-1/8 scale in the DCT domain (PIL's draft: crop >= 2x the output), the
+    device's full decode and antialiased resize differ by at most 8 levels of 255 per image on average."""
+    draws = recorded_draws(monkeypatch)
+    cpu = epoch(build_train_loader(photo_shards, batch_size=8, num_workers=0, image_size=64, augment=AUG, seed=5))
+    cpu_draws = list(draws)
+    draws.clear()
+    device_loader = build_train_loader(photo_shards, batch_size=8, num_workers=0, image_size=64, augment=AUG,
+                                       seed=5, decode_on="cpu")
+    device = epoch(device_loader)
+    assert draws == cpu_draws and len(draws) == 32  # the same crop boxes, drawn from the JPEG headers
+    assert device_loader.cpu_fallbacks == 0
+    full, reduced = 0, 0
+    for (xc, yc), (xd, yd), k in zip(cpu, device, range(0, 32, 8)):
+        assert torch.equal(yc, yd) and xd.shape == xc.shape == (8, 3, 64, 64) and xd.dtype == torch.uint8
+        assert xd.is_contiguous(memory_format=torch.channels_last)
+        for i in range(8):
+            (top, left, h, w), _, _ = draws[k + i]
+            diff = (xc[i].int() - xd[i].int()).abs()
+            if min(h, w) / 64 < 2:
+                assert diff.max() == 0, (k + i, draws[k + i])
+                full += 1
+            else:
+                assert diff.float().mean() <= 8, (k + i, draws[k + i], diff.float().mean())
+                reduced += 1
+    assert full and reduced  # both kinds of crop were compared
+
+
+@pytest.mark.parametrize("crop, resize", [(224, 256), (64, 73)])
+def test_device_validation_matches_the_cpu_resize_and_centre_crop(photo_shards, crop, resize):
+    """PIL's and torch's antialiased bilinear resizes differ by at most one level; at 73 px from 240 px the CPU
+    path decodes at half scale first (PIL's draft), and the mean difference stays within 8 levels."""
+    kw = dict(batch_size=5, num_workers=0, image_size=crop, resize=resize)
+    cpu = epoch(build_val_loader(photo_shards, **kw))
+    device = epoch(build_val_loader(photo_shards, **kw, decode_on="cpu"))
+    assert [len(y) for _, y in device] == [len(y) for _, y in cpu] == [5, 5, 2]  # every image once
+    for (xc, yc), (xd, yd) in zip(cpu, device):
+        assert torch.equal(yc, yd) and xd.shape == xc.shape and xd.is_contiguous(memory_format=torch.channels_last)
+        diff = (xc.int() - xd.int()).abs()
+        if resize / 240 > 0.5:
+            assert diff.max() <= 1
+        else:
+            assert diff.float().flatten(1).mean(1).max() <= 8
+
+
+@pytest.fixture(scope="module")
+def awkward_shards(tmp_path_factory) -> Path:
+    """One shard whose batch of 6 holds 3 ordinary JPEGs, a CMYK JPEG, PNG bytes stored as .jpg and a JPEG cut
+    short, in both splits."""
+    def jpeg(img, **kw):
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=90, **kw)
+        return out.getvalue()
+
+    png = io.BytesIO()
+    photo(4, 48, 40).save(png, "PNG")
+    images = [jpeg(photo(i, 48, 40)) for i in range(3)] + [jpeg(photo(3, 48, 40).convert("CMYK")), png.getvalue(),
+                                                             jpeg(photo(5, 48, 40))[:700]]
+    names = ["a.JPEG", "b.JPEG", "c.JPEG", "cmyk.JPEG", "png.JPEG", "truncated.JPEG"]
+    root = tmp_path_factory.mktemp("awkward")
+    info = {"splits": {}}
+    for split in ("train", "val"):
+        with wds.TarWriter(str(root / f"{split}-000000.tar"), encoder=False, mtime=0) as sink:
+            for k, (data, name) in enumerate(zip(images, names)):
+                sink.write({"__key__": f"{k:08d}", "jpg": data, "cls": str(k % 2).encode(),
+                            "fname.txt": name.encode()})
+        info["splits"][split] = {"num_samples": 6, "filenames": [f"{split}-000000.tar"], "shard_lengths": [6]}
+    (root / "_info.json").write_text(json.dumps(info))
+    (root / "classes.txt").write_text("n0\nn1\n")
+    return root
+
+
+def test_cmyk_png_and_truncated_images_get_the_cpu_paths_outcome(awkward_shards, caplog):
+    """The CMYK and PNG images are decoded by the worker on the CPU, exactly as with decode='cpu', and counted
+    as CPU fallbacks; the truncated one fails there as it does on the CPU path: skipped, counted, named, and its
+    place in the training batch taken by another image of the batch."""
+    kw = dict(batch_size=6, num_workers=0, image_size=32, augment=AUG, seed=1)
+    cpu = epoch(build_train_loader(awkward_shards, **kw))
+    device_loader = build_train_loader(awkward_shards, **kw, decode_on="cpu")
+    with caplog.at_level(logging.WARNING):
+        device = epoch(device_loader)
+    assert len(device) == 1 and torch.equal(device[0][0], cpu[0][0]) and torch.equal(device[0][1], cpu[0][1])
+    assert device_loader.cpu_fallbacks == 2 and device_loader.bad_samples == 1
+    assert [r.getMessage() for r in caplog.records if "truncated.JPEG" in r.getMessage()], caplog.text
+
+    val_cpu = epoch(build_val_loader(awkward_shards, batch_size=6, num_workers=0, image_size=32))
+    val = build_val_loader(awkward_shards, batch_size=6, num_workers=0, image_size=32, decode_on="cpu")
+    val_device = epoch(val)
+    assert torch.equal(val_device[0][1], val_cpu[0][1]) and len(val_device[0][1]) == 5  # the truncated one dropped
+    assert (val_device[0][0].int() - val_cpu[0][0].int()).abs().max() <= 1  # PIL's resize against torch's
+    assert val.bad_samples == 1 and val.cpu_fallbacks == 2
+
+
+def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_undecodable_ones_skipped(
+        tmp_path, monkeypatch, caplog):
+    """A device decoder that refuses progressive JPEGs (as nvJPEG's hardware path does) and a JPEG with a header
+    but no image data (which passes the workers' checks and no decoder can read)."""
+    def jpeg(img, **kw):
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=90, **kw)
+        return out.getvalue()
+
+    progressive = jpeg(photo(7, 48, 40), progressive=True)
+    ordinary = [jpeg(photo(i, 48, 40)) for i in range(3)]
+    hollow = ordinary[0][:ordinary[0].index(b"\xff\xda")] + b"\x00" * 64 + b"\xff\xd9"
+    shards = tmp_path / "refused"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "train-000000.tar"), encoder=False, mtime=0) as sink:
+        for k, payload in enumerate([*ordinary, progressive, hollow]):
+            sink.write({"__key__": f"{k:08d}", "jpg": payload, "cls": b"0", "fname.txt": f"{k}.JPEG".encode()})
+    (shards / "_info.json").write_text(json.dumps({"splits": {"train": {
+        "num_samples": 5, "filenames": ["train-000000.tar"], "shard_lengths": [5]}}}))
+    (shards / "classes.txt").write_text("n0\n")
+    plain = data.device_decode._torchvision_decoder()
+
+    def picky(datas, device):
+        if any(b"\xff\xc2" in bytes(d[:2000]) for d in datas):  # a progressive start-of-frame
+            raise RuntimeError("nvjpeg: progressive JPEGs are not supported")
+        return plain(datas, device)
+
+    monkeypatch.setattr(data.device_decode, "jpeg_decoder", lambda: ("picky", picky))
+    kw = dict(batch_size=5, num_workers=0, image_size=32, augment=TrainAugment(scale=(0.5, 1.0), hflip=0.0), seed=2)
+    loader = build_train_loader(shards, **kw, decode_on="cpu")
+    with caplog.at_level(logging.WARNING):
+        (images, labels), = epoch(loader)
+    assert loader.cpu_fallbacks == 1 and loader.bad_samples == 1 and images.shape == (5, 3, 32, 32)
+    assert any("4.JPEG" in r.getMessage() for r in caplog.records), caplog.text
+    # the four decodable images as the CPU path makes them; the hollow one's place taken by the first
+    cpu = build_train_loader(shards, **kw)
+    (cpu_images, _), = epoch(cpu)
+    assert cpu.bad_samples == 1
+    assert torch.equal(images, cpu_images)
+
+
+def test_torchcodec_decodes_where_it_is_installed_and_torchvision_elsewhere(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # not installed: its import fails
+    assert data.device_decode.jpeg_decoder()[0] == "torchvision"
+    calls = []
+    fake = types.ModuleType("torchcodec.decoders")
+    fake.decode_jpeg = lambda datas, mode, device: calls.append((len(datas), mode, device)) or []
+    monkeypatch.setitem(sys.modules, "torchcodec", types.ModuleType("torchcodec"))
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", fake)
+    name, decode = data.device_decode.jpeg_decoder()
+    decode([torch.zeros(4, dtype=torch.uint8)] * 3, torch.device("cpu"))
+    assert name == "torchcodec" and calls == [(3, "RGB", torch.device("cpu"))]  # one call for the whole batch
+
+
+def test_decode_device_refuses_augmentations_that_need_decoded_images():
+    with pytest.raises(ValueError, match="RandAugment"):
+        PlanCrop(train_transform(32, TrainAugment(auto_augment="rand-m9-mstd0.5")))
