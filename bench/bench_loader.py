@@ -14,6 +14,14 @@ workers ("per core"; it holds up on a shared machine where the wall clock does n
       with timm's PIL crop in place of ours, with the DataLoader's own worker -> main hand-off in
       place of our batch buffers, on shards re-encoded with --max-side, and (a) for those
   (c) torchvision ImageFolder + DataLoader, RandomResizedCrop 224, flip, ToTensor, Normalize, N workers
+  (d) ours with decode_on=--device (the trainer's --decode device): the workers plan crops, the main
+      process decodes each batch in one call on the device (nvJPEG on a GPU) and crops there
+  (e) decode only, batched on --device: the same one-call decode of --batch-size JPEGs, nothing else
+
+Each row also splits its CPU time per image between the main process and the workers: the point of (d)
+is to move the decode off the workers, and on a GPU off the CPU. With --decode-procs 1 2 4 (a GPU) it
+then runs (d) in that many processes at once, each with workers/N workers, sharing the GPU's decoder, as
+training processes on one GPU would, and prints their summed images/s.
 
 With --stages it also prints where (b)'s CPU time goes: each stage alone, in this process.
 
@@ -91,26 +99,81 @@ def _decode_chunk(blobs: list[bytes]) -> float:
     return time.process_time() - cpu
 
 
-def decode_only(pool, blobs: list[bytes], workers: int) -> tuple[float, float]:
-    """(images/s, images per CPU-second) of full PIL decodes to RGB in ``workers`` processes: the same
-    concurrency as the loaders, since two busy processes on SMT siblings each run slower than one."""
+def decode_only(pool, blobs: list[bytes], workers: int) -> tuple[float, float, float, float]:
+    """(images/s, images per CPU-second, main-process and worker CPU ms per image) of full PIL decodes to
+    RGB in ``workers`` processes: the same concurrency as the loaders, since two busy processes on SMT
+    siblings each run slower than one."""
     chunks = [blobs[i::workers] for i in range(workers)]
     wall = time.perf_counter()
     cpu = sum(pool.map(_decode_chunk, chunks))
-    return len(blobs) / (time.perf_counter() - wall), len(blobs) / cpu
+    return len(blobs) / (time.perf_counter() - wall), len(blobs) / cpu, 0.0, cpu / len(blobs) * 1e3
 
 
-def loader_rate(loader) -> tuple[float, float]:
-    """(images/s, images per CPU-second over the main process and its workers) of one epoch.
+def decode_batched(blobs: list[bytes], device: str, batch: int) -> tuple[float, float, float, float]:
+    """(e): the loader's one-call decode (data/device_decode.py) of ``batch`` JPEGs at a time on ``device``."""
+    from data.device_decode import jpeg_decoder
+
+    _, decode = jpeg_decoder()
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(tensors), batch):
+        decode(tensors[i:i + batch], torch.device(device))
+    _sync(device)
+    cpu = time.process_time() - cpu
+    return len(blobs) / (time.perf_counter() - wall), len(blobs) / cpu, cpu / len(blobs) * 1e3, 0.0
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def loader_rate(loader, device: str = "cpu") -> tuple[float, float, float, float]:
+    """(images/s, images per CPU-second over the main process and its workers, main-process and worker CPU
+    ms per image) of one epoch.
 
     Call once before measuring: the first pass starts the (persistent) workers.
     """
     dl = getattr(loader, "_loader", loader)  # ours wraps a DataLoader
     it = getattr(dl, "_iterator", None)
     pids = [w.pid for w in it._workers] if it is not None else []
-    wall, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
+    wall, main, workers = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     n = sum(len(x) for x, _ in loader)
-    return n / (time.perf_counter() - wall), n / (time.process_time() + _cpu_seconds(pids) - cpu)
+    _sync(device)
+    main, workers = time.process_time() - main, _cpu_seconds(pids) - workers
+    return n / (time.perf_counter() - wall), n / (main + workers), main / n * 1e3, workers / n * 1e3
+
+
+def _decode_procs_member(rank: int, procs: int, shards: str, args, out) -> None:
+    """One of --decode-procs processes: (d) as rank ``rank`` of ``procs``; puts (images, seconds)."""
+    torch.set_num_threads(1)
+    loader = build_train_loader(shards, batch_size=args.batch_size, num_workers=max(1, args.workers // procs),
+                                rank=rank, world_size=procs, image_size=224, shuffle_buffer=256,
+                                decode_on=args.device)
+    loader_rate(loader, args.device)  # warm-up: workers, the decoder's state
+    n, wall = 0, time.perf_counter()
+    while n < args.decode_images // procs:
+        n += sum(len(x) for x, _ in loader)
+    _sync(args.device)
+    out.put((n, time.perf_counter() - wall))
+
+
+def decode_procs(shards: Path, args) -> dict[int, float]:
+    """Summed images/s of (d) in N processes at once, for each N of --decode-procs: each process's own
+    images over the longest process's time (they start a little apart, so this errs low)."""
+    ctx = multiprocessing.get_context("spawn")
+    rates = {}
+    for procs in args.decode_procs:
+        out = ctx.Queue()
+        members = [ctx.Process(target=_decode_procs_member, args=(r, procs, str(shards), args, out))
+                   for r in range(procs)]
+        for m in members:
+            m.start()
+        done = [out.get(timeout=600) for _ in members]
+        for m in members:
+            m.join()
+        rates[procs] = sum(n for n, _ in done) / max(t for _, t in done)
+    return rates
 
 
 def torchvision_loader(folder: Path, batch_size: int, workers: int):
@@ -170,7 +233,7 @@ def _timm_crop(loader):
     """The same loader with timm's own RandomResizedCrop: PIL decodes in full, PIL resizes."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
-    tf = loader._loader.dataset.transform  # bench only: reach in (before the workers start) to swap it
+    tf = loader._loader.dataset.transform(224)  # bench only: reach in (before the workers start) to swap it
     crop = tf.transforms[0]
     tf.transforms[0:1] = [_open_pil, RandomResizedCropAndInterpolation(224, scale=crop.scale, ratio=crop.ratio)]
     return loader
@@ -238,8 +301,8 @@ def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
     return costs
 
 
-A, B, C = ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 batch",
-           "(c) torchvision ImageFolder + DataLoader")
+A, B, C, D = ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 batch",
+              "(c) torchvision ImageFolder + DataLoader", "(d) ours, decoding on the device")
 
 
 def run(args) -> None:
@@ -259,16 +322,19 @@ def run(args) -> None:
         "(b) ours with the DataLoader's own hand-off": _without_buffers(ours(work / "shards")),
         f"(b) ours, shards with --max-side {args.max_side}": ours(work / "shards_small"),
         C: torchvision_loader(folder, args.batch_size, workers),
+        f"{D} ({args.device})": build_train_loader(work / "shards", batch_size=args.batch_size, num_workers=workers,
+                                                   image_size=224, shuffle_buffer=256, decode_on=args.device),
+        f"(e) decode only, batched on {args.device}": lambda: decode_batched(originals, args.device, args.batch_size),
     }
     for case in cases.values():  # warm-up: start persistent workers, fill caches
-        case() if callable(case) else loader_rate(case)
+        case() if callable(case) else loader_rate(case, args.device)
     rates = {name: [] for name in cases}
     order = [A, B, C] + [k for k in cases if k not in (A, B, C)]  # the three of the targets back to back
     for _ in range(args.rounds):
         for name in order:
             case = cases[name]
-            rates[name].append(case() if callable(case) else loader_rate(case))
-    median = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in rates.items()}
+            rates[name].append(case() if callable(case) else loader_rate(case, args.device))
+    median = {k: tuple(statistics.median(r[i] for r in v) for i in range(4)) for k, v in rates.items()}
     report(args, files, originals, smalls, median, workers)
     # Each round's own ratio, then the median and range over rounds: a slow spell of the machine
     # hits the cases of one round alike, where it would skew a ratio of medians taken apart.
@@ -277,6 +343,10 @@ def run(args) -> None:
         ratios = [x[1] / y[1] for x, y in zip(num, den)]
         print(f"{name} per core, per round: median {statistics.median(ratios):.2f}, range "
               f"{min(ratios):.2f}-{max(ratios):.2f} (target >= {target})")
+    if args.decode_procs:
+        print("\n| (d) processes sharing the device | images/s, summed |\n|---:|---:|")
+        for procs, rate in decode_procs(work / "shards", args).items():
+            print(f"| {procs} | {rate:.0f} |")
     if args.stages:
         print("\n| stage of (b), alone, one process | CPU ms per image |")
         print("|---|---:|")
@@ -294,10 +364,11 @@ def report(args, files, originals, smalls, rate: dict, workers: int) -> None:
     print(f"images: {len(files)} {'from ' + args.folder if args.folder else 'generated (make_photos)'}, "
           f"{kb(originals):.0f} KB mean (e.g. {sorted(sizes)[0]}); --max-side {args.max_side}: "
           f"{kb(smalls):.0f} KB mean; {workers} workers, batch {args.batch_size}, median of {args.rounds} rounds\n")
-    print("| pipeline | images/s (wall) | images per CPU-second (per core) |")
-    print("|---|---:|---:|")
-    for name, (wall, cpu) in rate.items():
-        print(f"| {name} | {wall:.0f} | {cpu:.0f} |")
+    print("| pipeline | images/s (wall) | images per CPU-second (per core) | main process, CPU ms/image | "
+          "workers, CPU ms/image |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (wall, cpu, main, workers) in rate.items():
+        print(f"| {name} | {wall:.0f} | {cpu:.0f} | {main:.3f} | {workers:.3f} |")
     print()
 
 
@@ -311,6 +382,12 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", help="folder for images and shards (default: a new temporary folder)")
     p.add_argument("--stages", action="store_true", help="also time each stage of (b) alone")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where (d) and (e) decode (default: cuda when there is a GPU)")
+    p.add_argument("--decode-procs", type=int, nargs="*", default=[], metavar="N",
+                   help="also run (d) in N processes at once, for each N (e.g. 1 2 4 on a GPU)")
+    p.add_argument("--decode-images", type=int, default=8192,
+                   help="images the --decode-procs processes decode in all, per N (default 8192)")
     run(p.parse_args(argv))
 
 

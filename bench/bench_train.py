@@ -14,7 +14,8 @@ Cases (GPU defaults): --archs resnet50,resnet18 x --precisions bf16,fp16 x --cha
   timm:  a minimal copy of timm's train.py inner loop (timm_loop below), in a subprocess too, so each
          run starts clean (no allocator, cudnn or compile cache state shared in-process);
   real:  ours with --data-dir on shards written by `python -m data.make_shards` from generated
-         ImageNet-size JPEGs (bench_loader.make_photos), to give the ratio real/synthetic.
+         ImageNet-size JPEGs (bench_loader.make_photos), to give the ratio real/synthetic; with
+         --decode device also a run decoding on the device (real-dev), and its ratio to synthetic.
 
 Each run logs every --log-every steps; the first --warmup-intervals intervals (compile, cudnn autotuning,
 loader start) are dropped and the median of the rest is the run's img/s; ours is read from the wall times
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of each side per case")
     p.add_argument("--real-loader", choices=("none", "first", "all"), default="first",
                    help="cases also run on real shards: none, the first case of each arch, or all")
+    p.add_argument("--decode", choices=("cpu", "device", "both"), default="both",
+                   help="where the real-loader runs decode JPEGs (the trainer's --decode)")
     p.add_argument("--workers", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
                    help="loader workers for the real-loader runs (default: CPU count - 1)")
     p.add_argument("--budget-s", type=float, default=540.0, help="start no case that would end after this")
@@ -193,7 +196,7 @@ class Run:
     error: str = ""
 
 
-def ours_command(args, case: Case, out: Path, data_dir: Path | None) -> list[str]:
+def ours_command(args, case: Case, out: Path, data_dir: Path | None, decode: str = "cpu") -> list[str]:
     cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "--arch", case.arch, "--batch-size",
            str(args.batch_size), "--image-size", str(args.image_size), "--precision", case.precision,
            "--epochs", "1", "--log-every", str(args.log_every), "--no-progress", "--output-dir", str(out),
@@ -202,12 +205,12 @@ def ours_command(args, case: Case, out: Path, data_dir: Path | None) -> list[str
     cmd += ["--compile"] if case.compile else []
     if data_dir is None:
         return cmd + ["--synthetic", "--synthetic-steps", str(args.steps)]
-    return cmd + ["--data-dir", str(data_dir), "--workers", str(args.workers)]
+    return cmd + ["--data-dir", str(data_dir), "--workers", str(args.workers), "--decode", decode]
 
 
-def run_ours(args, case: Case, out: Path, timeout: float, data_dir: Path | None = None) -> Run:
+def run_ours(args, case: Case, out: Path, timeout: float, data_dir: Path | None = None, decode: str = "cpu") -> Run:
     try:
-        error = _subprocess(ours_command(args, case, out, data_dir), timeout)
+        error = _subprocess(ours_command(args, case, out, data_dir, decode), timeout)
         if error:
             return Run(error=error)
         return Run(rate=_median_after_warmup(_event_rates(out, args.batch_size), args.warmup_intervals - 1),
@@ -317,7 +320,8 @@ class Result:
     case: Case
     ours: list[Run] = field(default_factory=list)
     timm: list[Run] = field(default_factory=list)
-    real: list[Run] = field(default_factory=list)
+    real: list[Run] = field(default_factory=list)  # --decode cpu
+    real_dev: list[Run] = field(default_factory=list)  # --decode device
     seconds: float = 0.0
 
 
@@ -325,12 +329,15 @@ def run_case(args, case: Case, data_dir: Path | None, deadline: float) -> Result
     """Rounds of ours, timm[, ours on real shards], in that order, so drift hits every side alike."""
     res, start = Result(case), time.monotonic()
     for rnd in range(args.rounds):
-        sides = [("ours", res.ours), ("timm", res.timm)] + ([("real", res.real)] if data_dir else [])
+        sides = [("ours", res.ours), ("timm", res.timm)]
+        sides += [("real", res.real)] if data_dir and args.decode in ("cpu", "both") else []
+        sides += [("real-dev", res.real_dev)] if data_dir and args.decode in ("device", "both") else []
         for side, runs in sides:
             left = deadline - time.monotonic()
             out = Path(args.work) / f"run-{side}-{rnd}"
             run = (run_timm(args, case, left) if side == "timm" else
-                   run_ours(args, case, out, left, data_dir if side == "real" else None))
+                   run_ours(args, case, out, left, data_dir if side.startswith("real") else None,
+                            "device" if side == "real-dev" else "cpu"))
             runs.append(run)
             print(f"  round {rnd + 1} {side:<4} " + (f"{run.rate:9.1f} img/s" if run.rate else run.error),
                   flush=True)
@@ -346,9 +353,9 @@ def estimate(done: list[Result], case: Case, real: bool) -> float:
     def longest(like) -> float:
         return max((r.seconds for r in done if like(r)), default=0.0)
 
-    same = longest(lambda r: r.case.compile == case.compile and bool(r.real) == real)
+    same = longest(lambda r: r.case.compile == case.compile and bool(r.real or r.real_dev) == real)
     same = same or longest(lambda r: r.case.compile == case.compile)
-    eager = longest(lambda r: not r.case.compile and bool(r.real) == real)
+    eager = longest(lambda r: not r.case.compile and bool(r.real or r.real_dev) == real)
     return same or (COMPILE_GUESS * eager if case.compile else 0.0)
 
 
@@ -395,12 +402,14 @@ def _fmt(value: float | None, runs: list[Run]) -> str:
 
 def table_rows(results: list[Result]) -> list[str]:
     rows = ["| case | ours img/s | timm img/s | ours/timm, median (min–max) | ours as logged | "
-            "real loader img/s | real/synthetic, median (min–max) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "real loader img/s | real/synthetic, median (min–max) | real, --decode device, img/s | "
+            "real device/synthetic |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rows.append(f"| {r.case.label()} | {_fmt(_median(r.ours), r.ours)} | {_fmt(_median(r.timm), r.timm)} | "
                     f"{_ratio(r.ours, r.timm)} | {_fmt(_median(r.ours, 'logged'), r.ours)} | "
-                    f"{_fmt(_median(r.real), r.real)} | {_ratio(r.real, r.ours)} |")
+                    f"{_fmt(_median(r.real), r.real)} | {_ratio(r.real, r.ours)} | "
+                    f"{_fmt(_median(r.real_dev), r.real_dev)} | {_ratio(r.real_dev, r.ours)} |")
     return rows
 
 
@@ -414,8 +423,9 @@ def target_lines(results: list[Result]) -> list[str]:
         ok = lambda c: "✔" if c else "✘"  # noqa: E731
         text = f"- {r.case.label()}: {ours:.0f} img/s (≥ 3000 {ok(ours >= 3000)})"
         text += f", ours/timm {ours / theirs:.3f} (≥ 1 {ok(ours >= theirs)})" if theirs else ""
-        real = _median(r.real)
-        text += f", real/synthetic {real / ours:.3f} (≥ 0.9 {ok(real >= 0.9 * ours)})" if real else ""
+        for name, runs in (("real/synthetic", r.real), ("real (--decode device)/synthetic", r.real_dev)):
+            real = _median(runs)
+            text += f", {name} {real / ours:.3f} (≥ 0.9 {ok(real >= 0.9 * ours)})" if real else ""
         lines.append(text)
     return lines
 

@@ -137,12 +137,12 @@ class DeviceDecoder:
         if len(batch.decoded_index):
             out[batch.decoded_index.to(self.device)] = batch.decoded.to(self.device, non_blocking=True)
             self.cpu_fallbacks += len(batch.decoded_index)
-        for k, image in enumerate(self.decode_all(batch)):
-            place = int(batch.index[k])
+        plans = zip(batch.index.tolist(), batch.boxes.tolist(), batch.flips.tolist(), batch.modes.tolist())
+        for image, (place, box, flip, mode) in zip(self.decode_all(batch), plans):
             if image is None:
                 good[place] = False
             else:
-                out[place] = self.finish(image, batch, k)
+                out[place] = self.finish(image, batch, box, flip, _MODES[mode])
         labels = batch.labels.to(self.device, non_blocking=True)
         if good.all():
             return out, labels
@@ -180,13 +180,14 @@ class DeviceDecoder:
         self.cpu_fallbacks += 1
         return image.to(self.device)
 
-    def finish(self, image: torch.Tensor, batch: EncodedBatch, k: int) -> torch.Tensor:
+    @staticmethod
+    def finish(image: torch.Tensor, batch: EncodedBatch, box: list[int], flip: bool, mode: str) -> torch.Tensor:
         """One decoded image -> its [3, size, size] crop, resized and flipped as the CPU path does."""
-        s, mode = batch.size, F2.InterpolationMode(_MODES[int(batch.modes[k])])
+        s, mode = batch.size, F2.InterpolationMode(mode)
         if batch.resize:  # validation: shorter side to `resize`, then the centre crop
             return F2.center_crop(F2.resize(image, [batch.resize], interpolation=mode, antialias=True), [s, s])
-        crop = resize_crop(image, tuple(batch.boxes[k].tolist()), (s, s), mode)
-        return crop.flip(-1) if batch.flips[k] else crop
+        crop = resize_crop(image, tuple(box), (s, s), mode)
+        return crop.flip(-1) if flip else crop
 
 
 def decode_ahead(batches, decoder: DeviceDecoder, depth: int = 2):

@@ -111,8 +111,9 @@ class DataWaitWatch:
         if self.slow_intervals == SLOW_DATA_INTERVALS and not self.warned:
             self.warned = True
             console.warn(f"over {SLOW_DATA_FRACTION:.0%} of step time has been spent waiting for data for "
-                         f"{SLOW_DATA_INTERVALS * self.log_every} steps; raise --workers (now {self.workers}) or "
-                         "write pre-resized shards (make-shards --max-side 320) so JPEG decoding is cheaper")
+                         f"{SLOW_DATA_INTERVALS * self.log_every} steps; raise --workers (now {self.workers}), "
+                         "write pre-resized shards (make-shards --max-side 320) so JPEG decoding is cheaper, "
+                         "or decode on the GPU (--decode device)")
 
 
 def progress_bar(enabled: bool, epoch: int, total: int, initial: int):
