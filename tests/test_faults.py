@@ -397,6 +397,17 @@ def test_corrupt_samples_are_counted_exactly_and_too_many_stop_the_run(tmp_path,
     assert [r["bad_samples"] for r in logged if r["kind"] == "data"] == [3]
     assert "final top1=" in proc.stdout and (out / "model.pt").exists()
 
+    # the same with --decode device on 2 processes (gloo): the workers still find all three (2 x 239 x 3 steps
+    # leave out the epoch's last 3 samples, never positions 5-7 of a 128-sample shard) and the ranks' counts
+    # are summed
+    out = tmp_path / "device"
+    proc = run(accelerate_launch(2, *digits_args(shards, "--batch-size", "239", "--epochs", "1"), "--decode", "device",
+                                 "--max-bad-fraction", "0.01", "--output-dir", out), timeout=300)
+    assert proc.stderr.count("skipping corrupt sample") == 3, proc.stderr
+    assert "epoch 0: skipped 3 corrupt training samples" in proc.stdout, proc.stdout
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["bad_samples"], r["cpu_fallbacks"]) for r in logged if r["kind"] == "data"] == [(3, 0)]
+
     # 3 of 1,437 is above the default 0.1 %: one line naming the shard, no traceback
     proc = run(trainer(*common, "--output-dir", tmp_path / "strict"), check=False, timeout=240)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
