@@ -24,6 +24,9 @@ Accelerate decides the devices and processes:
 
     # plain torchrun, or `srun python train_imagenet.py ...` with one task per GPU, work as well
 
+When the loader workers cannot keep up (the trainer warns), `--decode device` decodes each batch's JPEGs on the
+GPU (nvJPEG) instead: README, "Decoding on the GPU".
+
 Every option can come from a YAML recipe (`--config`); flags on the command line override it. The resolved
 configuration, library versions, world size and git revision are written into `--output-dir`, beside the
 checkpoints, TensorBoard events (`tensorboard --logdir <output-dir>`) and `metrics.jsonl`.

@@ -210,3 +210,22 @@ def test_torchcodec_decodes_where_it_is_installed_and_torchvision_elsewhere(monk
 def test_decode_device_refuses_augmentations_that_need_decoded_images():
     with pytest.raises(ValueError, match="RandAugment"):
         PlanCrop(train_transform(32, TrainAugment(auto_augment="rand-m9-mstd0.5")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU: runs where one is lent")
+def test_nvjpeg_batches_match_the_cpu_path_within_the_stated_tolerance(photo_shards):
+    """On CUDA: nvJPEG's decode and torch's float resize against libjpeg-turbo and the uint8 resize; the same
+    labels, and per image at most 2 levels of 255 on average (8 where the CPU path decodes at reduced scale)."""
+    kw = dict(batch_size=8, num_workers=2, image_size=64, augment=AUG, seed=5)
+    cpu = epoch(build_train_loader(photo_shards, **kw))
+    loader = build_train_loader(photo_shards, **kw, decode_on="cuda")
+    device = epoch(loader)
+    assert loader.cpu_fallbacks == 0 and len(device) == len(cpu) == 4
+    for (xc, yc), (xd, yd) in zip(cpu, device):
+        assert xd.is_cuda and torch.equal(yc, yd.cpu()) and xd.is_contiguous(memory_format=torch.channels_last)
+        assert (xc.int() - xd.cpu().int()).abs().float().flatten(1).mean(1).max() <= 8
+    val_cpu = epoch(build_val_loader(photo_shards, batch_size=5, num_workers=0, image_size=224, resize=256))
+    val = epoch(build_val_loader(photo_shards, batch_size=5, num_workers=0, image_size=224, resize=256,
+                                 decode_on="cuda"))
+    for (xc, yc), (xd, yd) in zip(val_cpu, val):
+        assert torch.equal(yc, yd.cpu()) and (xc.int() - xd.cpu().int()).abs().float().flatten(1).mean(1).max() <= 2

@@ -182,7 +182,7 @@ def final_step(log: str) -> int:
 # The scripts themselves
 
 
-SHELL_SCRIPTS = [*BATCH_SCRIPTS, NODE_SCRIPT, CLUSTER_SCRIPT]
+SHELL_SCRIPTS = [*BATCH_SCRIPTS, NODE_SCRIPT, CLUSTER_SCRIPT, REPO / "bench" / "gpu_checks.sh"]
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
