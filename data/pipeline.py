@@ -1,4 +1,5 @@
-"""Training and validation loaders over our WebDataset shards.
+"""The training loader over our WebDataset shards, and what it shares with the validation loader
+(data/validation.py): reading shards, decoding a batch, counting corrupt samples.
 
 Both yield ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[B, 3, H, W]`` in channels_last
 memory (normalise on the device), ``labels`` ``torch.int64 [B]``. Rank and world size are passed in;
@@ -22,11 +23,6 @@ Training (``build_train_loader``)
     Random augmentation is seeded per batch, which makes ``set_epoch(e, start_batch=k)`` exact; the
     skipped batches are read but not decoded.
 
-Validation (``build_val_loader``)
-    Shard ``s`` goes to slot ``s % (world_size * W)``: every sample is read by exactly one rank and
-    worker, nothing is padded or repeated, the last batch of each worker may be short, and ranks or
-    workers without a shard yield nothing.
-
 Corrupt samples (undecodable image, missing or bad ``cls``) are skipped with one warning naming the
 shard and key and counted in ``loader.bad_samples`` (shared memory, so it sums over all worker
 processes). In a training batch the hole is filled with another sample of the same batch, which
@@ -38,7 +34,6 @@ batch in which every sample is bad.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import random
 import tarfile
@@ -58,7 +53,7 @@ from .errors import DataError
 from .shards import IMAGE_KEY, LABEL_KEY, describe
 from .sources import ShardSet, resolve_shards
 from .tarstream import tar_members
-from .transforms import PlanCrop, PlanResize, TrainAugment, train_transform, val_transform
+from .transforms import PlanCrop, TrainAugment, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +153,7 @@ def decode_batch(raw: list[dict], transform, num_classes: int, counter: BadSampl
     return images, labels, kept
 
 
-def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """[3, H, W] images -> one [B, 3, H, W] batch in channels_last memory, in shared memory in a worker."""
     (c, h, w), n = images[0].shape, len(images)
     if get_worker_info() is None:
@@ -171,12 +166,12 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images, out=nchw(out))
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _one_line(e: Exception) -> str:
+def main_line(e: Exception) -> str:
     """A worker's DataError reaches the main process with its traceback: keep the message only."""
     last = str(e).strip().splitlines()[-1]
     return last.split("DataError: ", 1)[-1]
@@ -208,7 +203,7 @@ class _TrainStream(IterableDataset):
         # Read (epoch, start_batch, image size) when the iterator is made, which a DataLoader does in every
         # worker at the start of every epoch, persistent workers included.
         epoch, start, size = self.state[0], self.state[1], self.state[2]
-        worker, workers = _worker()
+        worker, workers = worker_slot()
         # The DataLoader hands iteration batch j to worker j % workers; after skipping `start` batches
         # that is epoch batch start + j, owned by slot (worker + start) % workers.
         return self._batches(epoch, start, (worker + start) % workers, workers, self.transform(size))
@@ -271,8 +266,8 @@ class _TrainStream(IterableDataset):
             if self.decode == "device":
                 yield EncodedBatch.pack(images, labels, kept, size=transform.size, resize=0)
                 continue
-            batch = self.buffers.fill(_worker()[0], images, labels) if self.buffers else None
-            yield batch or (_stack(images), torch.tensor(labels, dtype=torch.int64))
+            batch = self.buffers.fill(worker_slot()[0], images, labels) if self.buffers else None
+            yield batch or (stack_images(images), torch.tensor(labels, dtype=torch.int64))
 
 
 class TrainLoader:
@@ -334,7 +329,7 @@ class TrainLoader:
                 n += 1
                 yield batch.batch() if isinstance(batch, BufferedBatch) else batch
         except DataError as e:
-            raise DataError(_one_line(e)) from None
+            raise DataError(main_line(e)) from None
         if n != self.num_batches - start:  # cannot happen by construction; a hang in DDP would be worse
             raise DataError(f"rank {self.rank} produced {n} batches instead of {self.num_batches - start}")
 
@@ -349,65 +344,6 @@ def _check_train_plan(shards: ShardSet, batch_size: int, world_size: int, worker
                     len(shards.urls), world_size, workers)
 
 
-# ---------------------------------------------------------------- validation
-
-class _ValStream(IterableDataset):
-    """The samples of this rank's shards, once: shard s belongs to slot s % (world_size * workers)."""
-
-    def __init__(self, shards: ShardSet, loader: "ValLoader", transform):
-        self.shards, self.transform, self.counter = shards, transform, loader._counter
-        self.rank, self.world_size, self.batch_size = loader.rank, loader.world_size, loader.batch_size
-        self.encoded = isinstance(transform, PlanResize)
-
-    def __iter__(self):
-        worker, workers = _worker()
-        slots = self.world_size * workers
-        mine = self.shards.urls[self.rank * workers + worker::slots]
-        samples = (s for url in mine for s in read_shard(url))
-        while raw := list(islice(samples, self.batch_size)):
-            images, labels, kept = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
-            if images and self.encoded:
-                yield EncodedBatch.pack(images, labels, kept, size=self.transform.size, resize=self.transform.resize)
-            elif images:
-                yield _stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-class ValLoader:
-    """Every validation sample exactly once over all ranks and workers; finite; last batches may be short."""
-
-    def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 transform, max_bad_fraction: float = 0.001, decode_on=None):
-        self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        workers, slots = max(1, num_workers), world_size * max(1, num_workers)
-        self._len = sum(math.ceil(sum(shards.lengths[rank * workers + w::slots]) / batch_size)
-                        for w in range(workers))
-        self._counter = BadSampleCounter(max_bad_fraction)
-        self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=False)
-        transform = transform if decode_on is None else PlanResize(transform)
-        self._loader = DataLoader(_ValStream(shards, self, transform), batch_size=None, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def __len__(self) -> int:
-        """Batches this rank yields (exact unless every sample of a batch is corrupt)."""
-        return self._len
-
-    @property
-    def bad_samples(self) -> int:
-        return self._counter.bad
-
-    @property
-    def cpu_fallbacks(self) -> int:
-        """decode_on: images decoded on the CPU so far instead (see data/device_decode.py)."""
-        return self._decoder.cpu_fallbacks if self._decoder else 0
-
-    def __iter__(self):
-        try:
-            yield from decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
-        except DataError as e:
-            raise DataError(_one_line(e)) from None
-
-
 # ---------------------------------------------------------------- the API the trainer uses
 
 def build_train_loader(source, *, split: str = "train", batch_size: int, num_workers: int, rank: int = 0,
@@ -419,24 +355,13 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
     ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
     sizes the shared-memory batch buffers). ``decode_on`` None: the workers decode; a device: the JPEGs of
     each batch are decoded there in one call (data/device_decode.py)."""
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on)
 
 
-def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
-                     world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
-                     resize: int | None = None, info: str | None = None, decode_on=None) -> ValLoader:
-    """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
-    crop_pct), centre crop image_size; on ``decode_on`` as build_train_loader says."""
-    _check_rank(rank, world_size)
-    shards = resolve_shards(source, split, info)
-    return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                     transform=val_transform(image_size, crop_pct, resize), decode_on=decode_on)
-
-
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, world_size={world_size})")

@@ -1,4 +1,5 @@
-"""The loaders (data/pipeline.py, data/sources.py, data/transforms.py) on tiny shards written by our writer.
+"""The loaders (data/pipeline.py, data/validation.py, data/sources.py, data/transforms.py) on tiny shards
+written by our writer.
 
 Every image is one flat colour that encodes its sample id, so the id survives JPEG, random crops and
 resizing, and the tests can tell exactly which samples each rank and worker produced.
