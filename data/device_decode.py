@@ -96,7 +96,7 @@ class EncodedBatch:
         lengths = torch.tensor([0] + [len(p.data) for _, p in plans], dtype=torch.int64)
         return cls(
             labels=torch.tensor(labels, dtype=torch.int64),
-            jpegs=torch.frombuffer(bytearray(b"".join(p.data for _, p in plans)) or bytearray(1), dtype=torch.uint8),
+            jpegs=torch.frombuffer(bytearray().join(p.data for _, p in plans) or bytearray(1), dtype=torch.uint8),
             offsets=lengths.cumsum(0), index=torch.tensor([k for k, _ in plans], dtype=torch.int64),
             boxes=torch.tensor([p.box or (0, 0, 0, 0) for _, p in plans], dtype=torch.int64).view(-1, 4),
             flips=torch.tensor([p.flip for _, p in plans], dtype=torch.bool),

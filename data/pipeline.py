@@ -177,6 +177,33 @@ def main_line(e: Exception) -> str:
     return last.split("DataError: ", 1)[-1]
 
 
+class SampleAccounting:
+    """What both loaders share: their counts (corrupt samples skipped; with ``decode_on``, images decoded on
+    the CPU instead) and the way batches leave them."""
+
+    _counter: BadSampleCounter
+    _decoder: DeviceDecoder | None
+    _loader: DataLoader
+
+    @property
+    def bad_samples(self) -> int:
+        """Corrupt samples skipped so far, over all workers of this rank."""
+        return self._counter.bad
+
+    @property
+    def cpu_fallbacks(self) -> int:
+        """decode_on: images decoded on the CPU so far instead (see data/device_decode.py)."""
+        return self._decoder.cpu_fallbacks if self._decoder else 0
+
+    def _batches(self):
+        """The DataLoader's batches, decoded on the device first with ``decode_on``; a worker's DataError as
+        one line."""
+        try:
+            yield from decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
+        except DataError as e:
+            raise DataError(main_line(e)) from None
+
+
 # ---------------------------------------------------------------- training
 
 def _owned(v: int, n: int, slots: int) -> int:
@@ -270,7 +297,7 @@ class _TrainStream(IterableDataset):
             yield batch or (stack_images(images), torch.tensor(labels, dtype=torch.int64))
 
 
-class TrainLoader:
+class TrainLoader(SampleAccounting):
     """``len(self)`` full batches per epoch on every rank; see the module docstring for the guarantees."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
@@ -300,16 +327,6 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    @property
-    def bad_samples(self) -> int:
-        """Corrupt samples skipped so far, over all workers of this rank."""
-        return self._counter.bad
-
-    @property
-    def cpu_fallbacks(self) -> int:
-        """decode='device': images decoded on the CPU so far instead (see data/device_decode.py)."""
-        return self._decoder.cpu_fallbacks if self._decoder else 0
-
     def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
         """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would, of images
         ``image_size`` px square (progressive resizing; default: the size last set)."""
@@ -323,13 +340,9 @@ class TrainLoader:
         self._epoch, self._start = epoch + 1, 0  # without a set_epoch call, the next iteration is the next epoch
         self._state[0], self._state[1], self._state[2] = epoch, start, self.image_size
         n = 0
-        batches = decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
-        try:
-            for batch in batches:
-                n += 1
-                yield batch.batch() if isinstance(batch, BufferedBatch) else batch
-        except DataError as e:
-            raise DataError(main_line(e)) from None
+        for batch in self._batches():
+            n += 1
+            yield batch.batch() if isinstance(batch, BufferedBatch) else batch
         if n != self.num_batches - start:  # cannot happen by construction; a hang in DDP would be worse
             raise DataError(f"rank {self.rank} produced {n} batches instead of {self.num_batches - start}")
 

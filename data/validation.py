@@ -15,9 +15,8 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .device_decode import DeviceDecoder, EncodedBatch, decode_ahead
-from .errors import DataError
-from .pipeline import (BadSampleCounter, check_rank, decode_batch, main_line, read_shard, stack_images,
+from .device_decode import DeviceDecoder, EncodedBatch
+from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, read_shard, stack_images,
                        worker_slot)
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanResize, val_transform
@@ -44,7 +43,7 @@ class _ValStream(IterableDataset):
                 yield stack_images(images), torch.tensor(labels, dtype=torch.int64)
 
 
-class ValLoader:
+class ValLoader(SampleAccounting):
     """Every validation sample exactly once over all ranks and workers; finite; last batches may be short."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
@@ -64,20 +63,8 @@ class ValLoader:
         """Batches this rank yields (exact unless every sample of a batch is corrupt)."""
         return self._len
 
-    @property
-    def bad_samples(self) -> int:
-        return self._counter.bad
-
-    @property
-    def cpu_fallbacks(self) -> int:
-        """decode_on: images decoded on the CPU so far instead (see data/device_decode.py)."""
-        return self._decoder.cpu_fallbacks if self._decoder else 0
-
     def __iter__(self):
-        try:
-            yield from decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
-        except DataError as e:
-            raise DataError(main_line(e)) from None
+        return self._batches()
 
 
 def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
