@@ -249,7 +249,7 @@ def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
     """CPU milliseconds per image of each stage of (b), alone, in this process (best of ``reps``)."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    from data.pipeline import read_shard
+    from data.shard_reader import read_shard
     from data.transforms import TrainAugment, _decode_jpeg, resize_crop, train_transform
 
     urls = sorted(str(p) for p in shards.glob("train-*.tar"))

@@ -35,24 +35,25 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import random
-import tarfile
+import signal
+import threading
 from contextlib import contextmanager
 from itertools import islice
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from .batch_buffers import BatchBuffers, BufferedBatch, nchw
 from .device_decode import DeviceDecoder, EncodedBatch, decode_ahead
 from .errors import DataError
+from .positions import Layout, Segment, next_segment, owned, pack, shard_order, unpack
+from .shard_reader import in_order, read_positions
 from .shards import IMAGE_KEY, LABEL_KEY, describe
 from .sources import ShardSet, resolve_shards
-from .tarstream import tar_members
 from .transforms import PlanCrop, TrainAugment, train_transform
 
 log = logging.getLogger(__name__)
@@ -62,29 +63,6 @@ SHUFFLE_BUFFER = 2000  # undecoded samples per worker: ~220 MB at ImageNet's ~11
 
 
 # ---------------------------------------------------------------- reading and decoding
-
-def read_shard(url: str):
-    """The samples of one tar shard, as dicts of undecoded bytes plus ``__key__`` and ``__url__``."""
-    try:
-        with wds.gopen(url, "rb") as stream:
-            yield from group_by_keys(tar_members(stream, url))
-    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
-        raise DataError(f"cannot read shard {url}: {e}") from None
-
-
-def _shuffled(samples, bufsize: int, rng: random.Random):
-    """Reservoir-style shuffle buffer: fill to ``bufsize``, then emit a random element per new one."""
-    buf = []
-    for s in samples:
-        if len(buf) < bufsize:
-            buf.append(s)
-            continue
-        k = rng.randrange(bufsize)
-        yield buf[k]
-        buf[k] = s
-    rng.shuffle(buf)
-    yield from buf
-
 
 @contextmanager
 def _seeded(seed: int):
@@ -171,6 +149,28 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM, SIGINT and SIGUSR1 to the process that made the loader. SLURM
+    signals every process of a job step (preemption, scancel), a terminal's Ctrl-C the whole process group;
+    torch's own SIGTERM handler would end a worker at once and the run with "DataLoader worker killed",
+    before the trainer could write its checkpoint.
+
+    A SIGTERM from that process itself still ends the worker, as torch's handler does: that is how the
+    DataLoader, and multiprocessing at exit, stop workers that do not end by themselves. Python's handlers
+    cannot see who sent a signal, so SIGTERM is blocked here and a thread takes it with sigwaitinfo, which
+    can."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # torch's handler exits 0 too, so the loader does not report a worker "killed"
+
+
 def main_line(e: Exception) -> str:
     """A worker's DataError reaches the main process with its traceback: keep the message only."""
     last = str(e).strip().splitlines()[-1]
@@ -206,34 +206,25 @@ class SampleAccounting:
 
 # ---------------------------------------------------------------- training
 
-def _owned(v: int, n: int, slots: int) -> int:
-    """How many of the batch indices 0..n-1 fall to worker slot ``v`` under round-robin over ``slots``."""
-    return max(0, (n - v + slots - 1) // slots)
-
-
-def _rng(*parts) -> random.Random:
-    # str seeds are hashed with SHA-512 by random.seed, so this is stable across processes and runs
-    return random.Random("/".join(map(str, parts)))
-
-
 class _TrainStream(IterableDataset):
     """The batches of one rank; each DataLoader worker produces those of its slot (see module doc)."""
 
     def __init__(self, shards: ShardSet, loader: "TrainLoader", augment: TrainAugment):
         self.shards, self.augment, self.decode, self._transforms = shards, augment, loader.decode, {}
-        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
-        self.batch_size, self.num_batches = loader.batch_size, loader.num_batches
-        self.shuffle_buffer, self.state, self.counter = loader.shuffle_buffer, loader._state, loader._counter
+        self.rank, self.seed, self.layout = loader.rank, loader.seed, loader.layout
+        self.batch_size, self.shuffle_buffer = loader.batch_size, loader.shuffle_buffer
+        self.state, self.done_bits, self.counter = loader._state, loader._done_bits, loader._counter
         self.buffers = loader._buffers
 
     def __iter__(self):
-        # Read (epoch, start_batch, image size) when the iterator is made, which a DataLoader does in every
-        # worker at the start of every epoch, persistent workers included.
-        epoch, start, size = self.state[0], self.state[1], self.state[2]
+        # Read (epoch, start_batch, image size, segment) when the iterator is made, which a DataLoader does in
+        # every worker at the start of every epoch, persistent workers included.
+        epoch, start, size, index = (int(x) for x in self.state[:4])
+        done = unpack(np.frombuffer(self.done_bits, dtype=np.uint8), self.shards.num_samples) if index else None
         worker, workers = worker_slot()
         # The DataLoader hands iteration batch j to worker j % workers; after skipping `start` batches
         # that is epoch batch start + j, owned by slot (worker + start) % workers.
-        return self._batches(epoch, start, (worker + start) % workers, workers, self.transform(size))
+        return self._batches(Segment(epoch, index, done), start, (worker + start) % workers, self.transform(size))
 
     def transform(self, size: int):
         """timm's training transform at ``size`` px (with decode='device': its planner), made once per size in
@@ -243,48 +234,18 @@ class _TrainStream(IterableDataset):
             self._transforms[size] = PlanCrop(tf) if self.decode == "device" else tf
         return self._transforms[size]
 
-    def _slot_range(self, v: int, workers: int) -> tuple[int, int]:
-        """Positions [lo, hi) of slot (rank, v) in the epoch's sequence of samples: consecutive slots
-        get consecutive runs, each exactly as long as that slot's batches need."""
-        B, L = self.batch_size, self.num_batches
-        lo = self.rank * L * B + B * sum(_owned(u, L, workers) for u in range(v))
-        return lo, lo + B * _owned(v, L, workers)
-
-    def _slot_samples(self, epoch: int, lo: int, hi: int):
-        """Samples lo..hi-1 of the epoch's sequence: all shards, shuffled from (seed, epoch), end to end.
-
-        Cutting the sequence by sample counts from the manifest, not by whole shards, is what lets any
-        number of shards feed any ranks x workers with equal steps and no sample twice in an epoch; the
-        price is that a shard on a boundary is read (not decoded) by both neighbouring slots.
-        """
-        order = list(range(len(self.shards.urls)))
-        _rng("shards", self.seed, epoch).shuffle(order)  # the same order on every rank and worker
-        pos = 0
-        for i in order:
-            url, n = self.shards.urls[i], self.shards.lengths[i]
-            if pos + n > lo:
-                skip, take = max(0, lo - pos), min(n, hi - pos) - max(0, lo - pos)
-                got = 0
-                for sample in islice(read_shard(url), skip, skip + take):
-                    got += 1
-                    yield sample
-                if got < take:
-                    raise DataError(f"shard {url} holds fewer samples than the {n} its manifest lists")
-            pos += n
-            if pos >= hi:
-                return
-
-    def _batches(self, epoch: int, start: int, v: int, workers: int, transform):
-        B = self.batch_size
-        count, first = _owned(v, self.num_batches, workers), _owned(v, start, workers)
-        slot = self.rank * workers + v
-        stream = _shuffled(self._slot_samples(epoch, *self._slot_range(v, workers)),
-                           self.shuffle_buffer, _rng("buffer", self.seed, epoch, slot))
-        for m in range(count):
+    def _batches(self, segment: Segment, start: int, v: int, transform):
+        """Slot v's batches of ``segment`` from batch ``start`` of this rank on (see the module docstring)."""
+        B, layout, workers = self.batch_size, self.layout, self.layout.slots_per_rank
+        positions = segment.positions(self.shards.num_samples)
+        num_batches, slot = layout.batches(len(positions)), self.rank * workers + v
+        lo, hi = layout.run(self.rank, v, num_batches)
+        order = segment.order(hi - lo, self.shuffle_buffer, self.seed, slot)
+        first, count = owned(v, start, workers), owned(v, num_batches, workers)
+        stream = self._samples(segment.epoch, positions[lo:hi], order[first * B:])
+        for m in range(first, count):
             raw = list(islice(stream, B))
-            if m < first:
-                continue  # resume: read past, never decode
-            with _seeded(_rng("augment", self.seed, epoch, slot, m).getrandbits(63)):
+            with _seeded(segment.rng("augment", self.seed, slot, m).getrandbits(63)):
                 images, labels, kept = decode_batch(raw, transform, self.shards.num_classes, self.counter)
             if not images:
                 raise DataError(f"every sample of a batch is corrupt (shard {raw[-1]['__url__']})")
@@ -296,6 +257,19 @@ class _TrainStream(IterableDataset):
             batch = self.buffers.fill(worker_slot()[0], images, labels) if self.buffers else None
             yield batch or (stack_images(images), torch.tensor(labels, dtype=torch.int64))
 
+    def _samples(self, epoch: int, run: np.ndarray, order: list[int]):
+        """The samples at ``run[k]`` for k in ``order`` (the slot's shuffle buffer order, with what a resume
+        skips already left out), read from the shards in the epoch's order, what is skipped sought over.
+
+        Cutting the sequence by sample counts from the manifest, not by whole shards, is what lets any
+        number of shards feed any ranks x workers with equal steps and no sample twice in an epoch; a shard
+        on a boundary is opened by both neighbouring slots, each reading only its own samples' data.
+        """
+        needed = np.sort(np.asarray(order, dtype=np.int64))
+        shards = shard_order(self.seed, epoch, len(self.shards.urls))
+        found = read_positions(self.shards.urls, self.shards.lengths, shards, run[needed])
+        return in_order(order, ((int(needed[k]), sample) for k, sample in found))
+
 
 class TrainLoader(SampleAccounting):
     """``len(self)`` full batches per epoch on every rank; see the module docstring for the guarantees."""
@@ -306,12 +280,14 @@ class TrainLoader(SampleAccounting):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer, self.decode = shuffle_buffer, "cpu" if decode_on is None else "device"
-        self.num_batches = self.num_samples // (batch_size * world_size)
+        self.layout = Layout(world_size, max(1, num_workers), batch_size, shuffle_buffer)
+        self.num_batches = self.layout.batches(self.num_samples)
         _check_train_plan(shards, batch_size, world_size, max(1, num_workers))
-        # (epoch, start_batch, image size), read by the workers
-        self._state = multiprocessing.Array("q", 3, lock=False)
+        # (epoch, start_batch, image size, segment index) and the segment's used positions, read by the workers
+        self._state = multiprocessing.Array("q", 4, lock=False)
+        self._done_bits = multiprocessing.Array("B", (self.num_samples + 7) // 8, lock=False)
         self._counter = BadSampleCounter(max_bad_fraction)
-        self._epoch, self._start, self.image_size = 0, 0, image_size
+        self._epoch, self._start, self._segment, self.image_size = 0, 0, None, image_size
         # The transforms make 3 x size x size uint8 images, at most max_image_size; a worker that gets
         # anything larger sends it the DataLoader's way (BatchBuffers.fill)
         big = max(image_size, max_image_size or 0)
@@ -322,29 +298,45 @@ class TrainLoader(SampleAccounting):
         stream.transform(image_size)  # here, so a bad augmentation option fails before any worker starts
         self._loader = DataLoader(stream, batch_size=None,
                                   num_workers=num_workers, persistent_workers=num_workers > 0,
-                                  pin_memory=torch.cuda.is_available())
+                                  pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
+        """Batches per rank in a whole epoch."""
         return self.num_batches
 
-    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
-        """The next iteration yields batches start_batch..len-1 of ``epoch``, as a full one would, of images
-        ``image_size`` px square (progressive resizing; default: the size last set)."""
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
-        self._epoch, self._start = epoch, start_batch
+    def batches_in(self, segment: Segment | None) -> int:
+        """Batches per rank in ``segment`` of an epoch (None: the whole epoch)."""
+        return self.num_batches if segment is None else self.layout.batches(segment.num_positions(self.num_samples))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None,
+                  segment: Segment | None = None) -> None:
+        """The next iteration yields batches start_batch.. of ``epoch`` (of ``segment`` of it, after a resume
+        under another layout), as a full one would, of images ``image_size`` px square (progressive resizing;
+        default: the size last set)."""
+        segment = segment if segment is not None and segment.done is not None else None
+        if not 0 <= start_batch <= self.batches_in(segment):
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_in(segment)}]")
+        self._epoch, self._start, self._segment = epoch, start_batch, segment
         self.image_size = image_size or self.image_size
 
+    def continued(self, epoch: int, segment: Segment | None, layout: Layout, batches: int) -> Segment:
+        """The segment that continues ``epoch`` on this loader's layout after every rank consumed ``batches``
+        batches of ``segment`` (None: the epoch's first) under ``layout`` (data/positions.py)."""
+        return next_segment(segment or Segment(epoch), layout, self.num_samples, self.seed, batches)
+
     def __iter__(self):
-        epoch, start = self._epoch, self._start
-        self._epoch, self._start = epoch + 1, 0  # without a set_epoch call, the next iteration is the next epoch
-        self._state[0], self._state[1], self._state[2] = epoch, start, self.image_size
-        n = 0
+        epoch, start, segment = self._epoch, self._start, self._segment
+        self._epoch, self._start, self._segment = epoch + 1, 0, None  # without set_epoch, the next epoch
+        index = 0 if segment is None else segment.index
+        if index:
+            np.frombuffer(self._done_bits, dtype=np.uint8)[:] = pack(segment.done)
+        self._state[0], self._state[1], self._state[2], self._state[3] = epoch, start, self.image_size, index
+        n, expected = 0, self.batches_in(segment) - start
         for batch in self._batches():
             n += 1
             yield batch.batch() if isinstance(batch, BufferedBatch) else batch
-        if n != self.num_batches - start:  # cannot happen by construction; a hang in DDP would be worse
-            raise DataError(f"rank {self.rank} produced {n} batches instead of {self.num_batches - start}")
+        if n != expected:  # cannot happen by construction; a hang in DDP would be worse
+            raise DataError(f"rank {self.rank} produced {n} batches instead of {expected}")
 
 
 def _check_train_plan(shards: ShardSet, batch_size: int, world_size: int, workers: int) -> None:

@@ -11,9 +11,10 @@ reader, which decompresses.
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from webdataset.tariterators import tar_file_iterator
 
@@ -21,6 +22,7 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = {b"0", b"\0", b"7"}  # '7' is a contiguous file: a regular file to every reader
 _SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta: names like __index__
+_META = {b"x", b"L", b"g", b"K"}  # pax and GNU headers that describe the next member
 
 
 def _read(stream: BinaryIO, n: int) -> bytes:
@@ -59,6 +61,13 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
+def _seekable(stream) -> bool:
+    try:
+        return stream.seekable()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class _Prefixed:
     """``stream`` with ``head`` put back in front of it (for handing a peeked stream on)."""
 
@@ -75,37 +84,59 @@ class _Prefixed:
         return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
 
 
-def tar_members(stream: BinaryIO, url: str) -> Iterator[dict]:
+def _skip(stream: BinaryIO, n: int, seekable: bool) -> None:
+    """Move ``n`` bytes on: seek where the stream can (a local file), read and drop otherwise (a pipe)."""
+    if seekable:
+        stream.seek(n, io.SEEK_CUR)
+        return
+    while n > 0:
+        got = len(stream.read(min(n, 1 << 20)))
+        if not got:
+            return
+        n -= got
+
+
+def tar_members(stream: BinaryIO, url: str, wanted: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """``{"fname", "data", "__url__"}`` for each regular file in the tar ``stream``, as webdataset's
     ``tar_file_iterator`` yields them (so ``group_by_keys`` groups them into samples). Raises
-    ``tarfile.ReadError`` for a bad header or a stream that ends inside a member."""
+    ``tarfile.ReadError`` for a bad header or a stream that ends inside a member.
+
+    ``wanted(name)``, called once per regular file in order, may refuse a member: its data is then not read
+    (sought over where the stream can seek) and it is yielded with ``data`` None. This is what lets a reader
+    start in the middle of a shard, or leave out samples already used, at the cost of reading headers."""
     block = _read(stream, BLOCK)
     if block and block != _ZERO_BLOCK and not _is_header(block):
         for member in tar_file_iterator(_Prefixed(block, stream)):
-            yield {**member, "__url__": url}
+            keep = wanted is None or wanted(member["fname"])
+            yield {**member, "data": member["data"] if keep else None, "__url__": url}
         return
+    seekable = wanted is not None and _seekable(stream)
     pos, pax, long_name = 0, {}, None
     while len(block) == BLOCK and block != _ZERO_BLOCK:
         if not _is_header(block):
             raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
         kind, size = block[156:157], _number(block[124:136])
         size = int(pax.get("size", size))
-        data = _read(stream, size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data in the member at byte {pos}")
-        _read(stream, -size % BLOCK)
+        name = None
+        if kind not in _META:
+            name = pax.get("path") or long_name or _ustar_name(block)
+            pax, long_name = {}, None
+            name = name if kind in _REGULAR and not _SKIP.match(name) else None
+        if name is not None and wanted is not None and not wanted(name):
+            _skip(stream, size + (-size % BLOCK), seekable)
+            data = None
+        else:
+            data = _read(stream, size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"unexpected end of data in the member at byte {pos}")
+            _read(stream, -size % BLOCK)
         pos += BLOCK + size + (-size % BLOCK)
         if kind == b"x":  # pax header for the next member
             pax = _pax_fields(data)
         elif kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing a shard needs
-            pass
-        else:
-            name = pax.get("path") or long_name or _ustar_name(block)
-            pax, long_name = {}, None
-            if kind in _REGULAR and not _SKIP.match(name):
-                yield {"fname": name, "data": data, "__url__": url}
+        elif name is not None:
+            yield {"fname": name, "data": data, "__url__": url}
         block = _read(stream, BLOCK)
     if block and block != _ZERO_BLOCK:
         raise tarfile.ReadError(f"unexpected end of data in the header at byte {pos}")

@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .device_decode import DeviceDecoder, EncodedBatch
-from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, read_shard, stack_images,
-                       worker_slot)
+from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, ignore_stop_signals,
+                       stack_images, worker_slot)
+from .shard_reader import read_shard
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanResize, val_transform
 
@@ -57,7 +58,8 @@ class ValLoader(SampleAccounting):
         self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=False)
         transform = transform if decode_on is None else PlanResize(transform)
         self._loader = DataLoader(_ValStream(shards, self, transform), batch_size=None, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                  worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         """Batches this rank yields (exact unless every sample of a batch is corrupt)."""

@@ -306,3 +306,29 @@ def test_val_transform_resizes_to_exactly_the_size_asked_then_centre_crops(resiz
     assert (tf.transforms[0].size, tf.transforms[1].size) == (resize, resize)  # the decoder's draft, timm's Resize
     expected = F2.pil_to_tensor(F2.center_crop(F2.resize(photo, [resize], antialias=True), [crop]))
     assert torch.equal(tf(data), expected)
+
+
+WORKERS_UNDER_SIGNALS = """
+import signal, subprocess, sys
+import psutil
+from data import build_train_loader, TrainAugment
+loader = build_train_loader(sys.argv[1], batch_size=4, num_workers=2, image_size=16, augment=TrainAugment())
+it = iter(loader)
+next(it)
+workers = psutil.Process().children()
+for sig in ("TERM", "INT", "USR1"):  # from another process, as SLURM or a terminal sends them
+    subprocess.run(["kill", f"-{sig}", *(str(w.pid) for w in workers)], check=True)
+print("batches after the signals:", 1 + sum(1 for _ in it), flush=True)
+it = iter(loader)
+next(it)  # left mid-epoch: interpreter exit must still end the workers (multiprocessing SIGTERMs them)
+"""
+
+
+def test_loader_workers_leave_stop_signals_to_their_process_and_still_end_with_it(shards):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", WORKERS_UNDER_SIGNALS, str(shards)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "batches after the signals: 15" in proc.stdout and "killed by signal" not in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 from webdataset.tariterators import tar_file_iterator
 
 from data.errors import DataError
-from data.pipeline import read_shard
+from data.shard_reader import read_shard
 from data.tarstream import tar_members
 
 LONG = "d" * 90 + "/" + "sample_ü_" + "x" * 120  # over ustar's 100-byte name field, non-ASCII
@@ -106,3 +106,29 @@ def test_read_shard_groups_samples(tmp_path):
     samples = list(read_shard(str(shard)))
     assert [s["__key__"] for s in samples] == ["000", "001", "002"]
     assert samples[1]["cls"] == b"1-cls-" * 150 and samples[1]["__url__"] == str(shard)
+
+
+class Counting(io.BytesIO):
+    """A seekable stream that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, n=-1):
+        out = super().read(n)
+        self.read_bytes += len(out)
+        return out
+
+
+def test_unwanted_members_are_sought_over_on_a_file_and_read_past_on_a_pipe():
+    members = [(f"{k:03d}.{ext}", bytes([k]) * 20_000) for k in range(8) for ext in ("jpg", "cls")]
+    data = make_tar(tarfile.PAX_FORMAT, members, extra=False)
+    want = {"006.jpg", "006.cls"}
+    for stream in (Counting(data), Trickle(data)):
+        got = [(m["fname"], m["data"]) for m in tar_members(stream, "u", lambda name: name in want)]
+        assert [name for name, _ in got] == [name for name, _ in members], "every member is still named, in order"
+        assert all(d == (full if name in want else None) for (name, d), (_, full) in zip(got, members))
+    seeking = Counting(data)
+    list(tar_members(seeking, "u", lambda name: name in want))
+    headers = 512 * (len(members) + 1)  # one per member, and the end-of-archive block
+    assert seeking.read_bytes <= headers + 2 * 20_480, "headers and the two wanted members only"
+    assert len(data) > 6 * seeking.read_bytes
