@@ -17,10 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,demo]'
 	touch $@
 
+# --overwrite: each make demo is a fresh run (a run directory otherwise refuses a second run)
 demo: $(STAMP)
 	$(PY) -m data.digits demo_data
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_imagenet.py --config launch/configs/digits_demo.yaml
+		train_imagenet.py --config launch/configs/digits_demo.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

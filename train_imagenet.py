@@ -31,11 +31,14 @@ Every option can come from a YAML recipe (`--config`); flags on the command line
 configuration, library versions, world size and git revision are written into `--output-dir`, beside the
 checkpoints, TensorBoard events (`tensorboard --logdir <output-dir>`) and `metrics.jsonl`.
 
-`--resume auto` continues from the newest complete checkpoint, mid-epoch included; one that fails its checksums
-or cannot be loaded is named, renamed `step-N.unloadable` and the one before it used. SIGUSR1 or SIGTERM makes
-every rank stop at the same step boundary, write one checkpoint and exit with code 75 (requeue me). A loss that
-stays NaN/inf (`--max-nonfinite-steps`) or a full disk stops the run with exit code 1 and never costs the last
-good checkpoint. What survives what, and the test that shows it: README, "Reliability".
+`--resume auto` continues from the newest complete checkpoint, mid-epoch included, also on another number of
+processes, `--workers` or `--batch-size` (the epoch goes on with the samples it has not used); one that fails
+its checksums or cannot be loaded is named, renamed `step-N.unloadable` and the one before it used; one written
+for another network or optimizer stops the run with one line, nothing renamed. SIGUSR1, SIGTERM or Ctrl-C makes
+every rank stop at the same step boundary, write one checkpoint and exit with code 75 (requeue me). A run
+directory holds one run: a second one into it is refused (`--resume auto`, or `--overwrite` to replace it). A
+loss that stays NaN/inf (`--max-nonfinite-steps`) or a full disk stops the run with exit code 1 and never costs
+the last good checkpoint. What survives what, and the test that shows it: README, "Reliability" and "Resume".
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ from data import DataError
 from engine import console
 from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
                             steps_per_epoch)
-from engine.checkpoints import Progress, resume_from
+from engine.checkpoints import Progress
 from engine.config import parse_config
+from engine.continuation import continue_epoch
 from engine.options import Config
 from engine.evaluation import check_count, evaluate, load_weights
 from engine.monitor import Monitor
-from engine.recipe import (Learner, build_criterion, build_ema, build_network, build_optimizer, build_scheduler,
-                           network_card)
+from engine.recipe import (Learner, ScheduleClock, build_criterion, build_ema, build_network, build_optimizer,
+                           build_scheduler, network_card)
+from engine.resume import Fit, resume_from
+from engine.rundir import claim_run_dir
 from engine.runtime import adopt_slurm_ranks, allow_a_graph_per_size, make_accelerator, write_run_info
 from engine.stops import StopRequest
 from engine.trainer import Trainer
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     out, world = Path(cfg.run.output_dir), accelerator.num_processes
-    write_run_info(cfg, accelerator, out)
+    lock = claim_run_dir(cfg.run, accelerator)  # locked for this run, and not another run's directory
     # data: this rank's uint8 batches, and the way they are normalised (and mixed) on the device
     resolution = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
     if cfg.runtime.compile:
@@ -88,23 +94,28 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     batches = Batches(loader, val, prep, steps, resolution)
     # what is trained and how, wrapped by Accelerate (DDP, autocast, loss scaling)
     model = build_network(cfg.model, loader.num_classes, world)
-    optimizer = build_optimizer(cfg.optim, model, world)
-    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
+    optimizer, clock = build_optimizer(cfg.optim, model, world), ScheduleClock()
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps, clock)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = build_ema(cfg.optim.ema_decay, accelerator.unwrap_model(model))
     criterion = build_criterion(cfg.optim.label_smoothing, mixes=cfg.augment.mixes)
-    learner = Learner(model, optimizer, scheduler, ema, criterion, network_card(cfg.model, loader.num_classes))
-    # where to start: the newest good checkpoint, or step 0
-    progress = resume_from(accelerator, cfg.run.resume, out, ema) if cfg.run.resume else Progress()
+    learner = Learner(model, optimizer, scheduler, ema, criterion, network_card(cfg.model, loader.num_classes), clock)
+    # where to start: the newest good checkpoint that fits this run, or step 0; its epoch under this layout
+    fit = Fit(cfg.flat(), learner.card, out)
+    progress = resume_from(accelerator, cfg.run.resume, out, learner, fit) if cfg.run.resume else Progress()
+    continue_epoch(progress, loader)
+    write_run_info(cfg, accelerator, out)
     monitor = Monitor(out, enabled=accelerator.is_main_process, resume_step=progress.global_step,
                       hparams=cfg.flat(), workers=cfg.data.workers, log_every=cfg.run.log_every)
     console.say(f"{cfg.model.arch}: {steps} steps/epoch x {cfg.schedule.epochs} epochs, global batch "
                 f"{cfg.optim.batch_size * world * cfg.optim.grad_accum}, {world} process(es) on "
                 f"{accelerator.device.type}")
     # the loop; then the final evaluation and export, or a checkpoint and the requeue code
-    trainer = Trainer(accelerator, learner, batches, monitor, progress, stop, run=cfg.run, optim=cfg.optim,
-                      evaluation=cfg.evaluation, epochs=cfg.schedule.epochs)
-    return trainer.finish(trainer.fit())
+    trainer = Trainer(accelerator, learner, batches, monitor, progress, stop, cfg)
+    code = trainer.finish(trainer.fit())
+    if lock is not None:
+        lock.release()
+    return code
 
 
 def evaluate_only(cfg: Config, accelerator) -> int:

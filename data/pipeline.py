@@ -21,7 +21,9 @@ Training (``build_train_loader``)
     rank's batches ``v, v + W, v + 2W, ...``: the batches are a function of (seed, epoch, rank,
     world size, worker count, image size) only; ``set_epoch`` may change the size from epoch to epoch.
     Random augmentation is seeded per batch, which makes ``set_epoch(e, start_batch=k)`` exact; the
-    skipped batches are read but not decoded.
+    samples of the skipped batches are known from the shuffle buffer's order alone and are sought over,
+    not read (data/positions.py, data/shard_reader.py). After a resume under another layout (world size,
+    workers, batch size), ``set_epoch(e, segment=...)`` deals only the samples the epoch has not used.
 
 Corrupt samples (undecodable image, missing or bad ``cls``) are skipped with one warning naming the
 shard and key and counted in ``loader.bad_samples`` (shared memory, so it sums over all worker

@@ -112,7 +112,12 @@ class SyntheticLoader:
         self.images = torch.randint(0, 256, size, dtype=torch.uint8, generator=g).to(self.device)
         self.labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=g).to(self.device)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None) -> None:
+    layout = None  # no samples, so no positions to carry to another world size (engine/continuation.py)
+
+    def batches_in(self, segment=None) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, image_size: int | None = None, segment=None) -> None:
         self.start = start_batch
         if image_size and image_size != self.images.shape[-1]:
             self.make(image_size)

@@ -20,7 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+
+from data.positions import pack, unpack
 
 from . import console
 from .faults import FAULTS
@@ -29,21 +33,35 @@ from .runtime import any_rank
 
 @dataclass
 class Progress:
-    """What a checkpoint must hold beyond Accelerate's states to continue a run exactly."""
+    """What a checkpoint must hold beyond Accelerate's states to continue a run exactly, in progress.json, and
+    where the epoch stands in samples (data/positions.py), in positions.npy when a change of layout split it."""
 
     global_step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # batches per rank of `epoch` (of its current segment) already consumed
     best_top1: float = -1.0
     best_checkpoint: str = ""
     last_eval_step: int = -1
     last_eval: dict = field(default_factory=dict)
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
     history: list = field(default_factory=list)
+    layout: dict = field(default_factory=dict)  # data.positions.Layout the batches were counted in ({}: unknown)
+    epoch_samples: int = 0  # samples in the epoch's sequence (the training split)
+    segment: int = 0  # changes of layout within `epoch` so far (data.positions.Segment.index)
+    images_before_segment: int = 0  # images of `epoch` used before its current segment
+    done: np.ndarray | None = field(default=None, repr=False)  # per sample: used before the current segment
+
+    def saved(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "done"}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch_in_epoch, self.segment, self.images_before_segment, self.done = epoch, 0, 0, 0, None
 
 
 RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for rank i's RNG states
 CHECKSUM_FILE = "checksums.json"  # sha256 of every other file of a checkpoint
+CONFIG_FILE = "config.yaml"  # the configuration that wrote it (the run's options, and the network card)
+POSITIONS_FILE = "positions.npy"  # Progress.done, one bit per sample
 STEP_DIGITS = 8  # step-00001234: names sort in step order
 
 
@@ -70,7 +88,7 @@ class CheckpointError(Exception):
     """A checkpoint could not be written; its partial directory is already gone."""
 
 
-def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int) -> Path:
+def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int, config: dict) -> Path:
     """Write into `.tmp-step-N`, then rename: a crash mid-save leaves the previous checkpoint untouched.
 
     A write that fails on any rank (a full disk, a lost mount) is agreed by all ranks: the partial directory
@@ -82,7 +100,7 @@ def save_checkpoint(accelerator, root: Path, progress: Progress, ema, keep: int)
     accelerator.wait_for_everyone()
     for phase in (write_checkpoint, seal_checkpoint):  # the second starts when every rank's files are in
         if error is None:
-            error = attempt(phase, accelerator, tmp, progress, ema)
+            error = attempt(phase, accelerator, tmp, progress, ema, config)
         if any_rank(accelerator, error is not None)[0]:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -125,14 +143,17 @@ def make_empty_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def write_checkpoint(accelerator, tmp: Path, progress: Progress, ema) -> None:
+def write_checkpoint(accelerator, tmp: Path, progress: Progress, ema, config: dict) -> None:
     """This rank's files of a checkpoint, flushed to disk before anyone renames the directory."""
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, scaler (main); RNG state (every rank)
     if accelerator.is_main_process:
         if ema is not None:
             torch.save(ema.module.state_dict(), tmp / "ema.pt")
         time.sleep(FAULTS.slow_save)  # tests kill the run here, with the checkpoint half written
-        (tmp / "progress.json").write_text(json.dumps(vars(progress), indent=1))
+        (tmp / "progress.json").write_text(json.dumps(progress.saved(), indent=1))
+        if progress.done is not None:
+            np.save(tmp / POSITIONS_FILE, pack(progress.done), allow_pickle=False)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True))
     mine = sorted(tmp.iterdir()) if accelerator.is_main_process else [tmp / RNG_FILE.format(accelerator.process_index)]
     for f in mine:
         fsync_path(f)
@@ -188,78 +209,12 @@ def prune_checkpoints(root: Path, keep: int, best: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_from(accelerator, where: str, out: Path, ema) -> Progress:
-    """Load the newest loadable checkpoint; a damaged one is named, moved aside and the previous one tried."""
-    root = out / "checkpoints"
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(root)
-    candidates = [Path(where)] if where != "auto" else list(reversed(checkpoint_dirs(root)))
-    if where != "auto" and not Path(where, "progress.json").exists():
-        console.fatal(f"--resume {where}: not a checkpoint directory (no progress.json)")
-    for ckpt in candidates:
-        progress, error = try_load(accelerator, ckpt, ema)
-        # Every rank must settle on the same checkpoint, so the verdict is agreed collectively.
-        if not any_rank(accelerator, error is not None)[0]:
-            console.say(f"resumed from {ckpt} at step {progress.global_step} "
-                        f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
-            return progress
-        console.warn(f"checkpoint {ckpt} cannot be loaded ({error or 'on another rank'})")
-        if where == "auto" and accelerator.is_main_process:
-            set_aside(ckpt)
-    if candidates:
-        # Starting over would leave the model half-loaded and let pruning delete new checkpoints
-        # in favour of the unloadable ones.
-        what = f"no checkpoint in {root}" if where == "auto" else f"--resume {where}"
-        console.fatal(f"{what} can be loaded (see the warnings above); move the checkpoints away to start "
-                      "from scratch", main_only=True)
-    return Progress()
-
-
-def remove_partial_checkpoints(root: Path) -> None:
-    """A run killed while writing a checkpoint leaves `.tmp-step-N`, which is never loaded: remove it."""
-    for tmp in sorted(root.glob(".tmp-step-*")):
-        shutil.rmtree(tmp, ignore_errors=True)
-        console.say(f"removed {tmp}: a checkpoint whose writing was interrupted")
-
-
-def set_aside(ckpt: Path) -> None:
-    """Rename an unloadable checkpoint out of the `step-N` namespace, so that it is not tried again and
-    does not count among the newest when pruning; it stays on disk for inspection."""
-    dest = ckpt.with_name(ckpt.name + ".unloadable")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(ckpt, dest)
-    console.say(f"moved {ckpt} aside to {dest}; trying the previous checkpoint")
-
-
-def try_load(accelerator, ckpt: Path, ema) -> tuple[Progress | None, str | None]:
-    from accelerate.utils import load  # torch.load with weights_only=True and numpy's arrays allowed
-
-    try:
-        verify_checksums(ckpt)
-        progress = read_progress(ckpt / "progress.json")
-        # Accelerate ignores an RNG state it cannot load, which would resume inexactly (or quietly
-        # accept a file crafted to run code): load it first, as accelerate does, and fail here instead.
-        rng_file = ckpt / RNG_FILE.format(accelerator.process_index)
-        if rng_file.exists():
-            rng = load(rng_file)
-            if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
-                raise ValueError("random states file holds no torch_manual_seed")
-        else:  # the checksums passed, so it was never written: a run with more processes than the checkpoint's
-            console.every_rank(f"warning: {ckpt} holds no RNG state for rank {accelerator.process_index} (written "
-                               "by fewer processes); this rank starts from a fresh one, so the run continues but "
-                               "not bit-exactly")
-        accelerator.load_state(str(ckpt))  # every file with weights_only=True (we register no custom objects)
-        if ema is not None:
-            ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,
-                                                  weights_only=True))
-    except Exception as e:  # noqa: BLE001 -- any failure means "not this checkpoint"; it is reported
-        return None, one_line(e)
-    return progress, None
-
-
-def read_progress(path: Path) -> Progress:
+def read_progress(ckpt: Path) -> Progress:
+    path = ckpt / "progress.json"
     progress = Progress(**json.loads(path.read_text()))
     if not all(isinstance(v, int) and v >= 0 for v in (progress.global_step, progress.epoch,
-                                                        progress.batch_in_epoch)):
-        raise ValueError(f"{path}: step, epoch and batch must be counts")
+                                                        progress.batch_in_epoch, progress.segment)):
+        raise ValueError(f"{path}: step, epoch, batch and segment must be counts")
+    if progress.segment:
+        progress.done = unpack(np.load(ckpt / POSITIONS_FILE, allow_pickle=False), progress.epoch_samples)
     return progress

@@ -134,6 +134,8 @@ def check_combinations(values: dict) -> str | None:
     problem = check_resolution(values)
     if problem:
         return problem
+    if values["overwrite"] and values["resume"]:
+        return "--overwrite replaces the run in --output-dir and --resume continues it: give one of them"
     if values["evaluate"] and not values["data_dir"]:
         return "--evaluate needs --data-dir: the shards whose validation split it scores"
     if values["evaluate"] and values["synthetic"]:

@@ -28,8 +28,14 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        # At step 0 the run owns the directory (engine/rundir.py saw to it): what logs are there belong to a run
+        # that wrote no checkpoint, and a fresh run's curves must not continue them.
         if resume_step:
             self._truncate_jsonl(resume_step)
+        else:
+            self.jsonl.unlink(missing_ok=True)
+            for old in (out / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink()
         # purge_step drops events a killed run wrote after the checkpoint we resume from: no step twice.
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 

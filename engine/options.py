@@ -146,6 +146,8 @@ class RunConfig:
 
     output_dir: str = option("runs/default", "checkpoints, TensorBoard events, metrics.jsonl, config.yaml, model.pt")
     resume: str | None = option(None, "'auto' (newest complete checkpoint, if any) or a path")
+    overwrite: bool = option(False, "replace the run already in --output-dir (its checkpoints, model and logs) "
+                                    "instead of refusing to start over it")
     evaluate: str | None = option(None, "evaluate this model.pt or checkpoint directory and exit",
                                   metavar="CHECKPOINT")
     seed: int = option(0, "same seed, same run: initial weights, shard order, augmentation")

@@ -14,6 +14,15 @@ from resnet.model import IMAGENET_ARCHS
 from .options import ModelConfig, OptimConfig, ScheduleConfig
 
 
+class ScheduleClock:
+    """Where the run is in its LR schedule, in optimizer steps of this run's epochs: the trainer sets it from
+    the share of each epoch's images used so far (Trainer.schedule_step), the scheduler reads it. A step
+    counter would change its meaning with the global batch; the share of an epoch does not, so LR, warmup
+    and the epoch's end stay right when a run resumes on another world size or --batch-size."""
+
+    step: float = 0.0
+
+
 @dataclass
 class Learner:
     """The objects training updates, as Accelerate prepared them."""
@@ -24,6 +33,7 @@ class Learner:
     ema: object  # timm's ModelEmaV3, or None
     criterion: nn.Module
     card: dict  # what the exported model.json says about the network (network_card)
+    clock: ScheduleClock  # what the scheduler reads
 
 
 def build_network(model: ModelConfig, num_classes: int, world_size: int) -> nn.Module:
@@ -98,9 +108,20 @@ def lr_factor(step: int, schedule: ScheduleConfig, steps_per_epoch: int) -> floa
     return 1.0
 
 
-def build_scheduler(schedule: ScheduleConfig, optimizer, steps_per_epoch: int):
+def build_scheduler(schedule: ScheduleConfig, optimizer, steps_per_epoch: int, clock: ScheduleClock):
     # Stepped per optimizer step (not per epoch) so warmup is smooth at any batch size.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule, steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(clock.step, schedule, steps_per_epoch))
+
+
+def set_schedule(optimizer, scheduler, peak: float) -> None:
+    """After a resume: this run's peak LR (its --lr and global batch) at the clock's point of the schedule, in
+    place of the checkpoint's; the same values where neither changed."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds the LambdaLR
+    factor = inner.lr_lambdas[0](None)
+    inner.base_lrs = [peak for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = peak, peak * factor
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def build_ema(decay: float, model: nn.Module):

@@ -8,38 +8,45 @@ import signal
 import torch
 import torch.nn as nn
 
+from . import console
 from .runtime import any_rank
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run again with --resume auto
 
 
 class StopReason(enum.Enum):
-    SIGNAL = "signal"  # SIGUSR1/SIGTERM: write a checkpoint, exit EXIT_REQUEUE
+    SIGNAL = "signal"  # SIGUSR1/SIGTERM/SIGINT: write a checkpoint, exit EXIT_REQUEUE
     MAX_STEPS = "max-steps"  # --max-steps reached: write a checkpoint, then finish as at the last epoch
     NONFINITE = "nonfinite"  # the loss stayed NaN/inf, or the weights are no longer finite: save nothing, exit 1
 
 
 class StopRequest:
-    """SIGUSR1/SIGTERM set a flag; ranks agree on it at a step boundary, so all stop at the same step.
+    """SIGUSR1, SIGTERM or Ctrl-C (SIGINT) set a flag; ranks agree on it at a step boundary, so all stop at the
+    same step and write one checkpoint. A second Ctrl-C ends the process at once (what follows the last
+    checkpoint is lost), for a user who will not wait for the step.
 
     Installed first thing: a SIGTERM during start-up would otherwise kill the process and a SIGUSR1 be
-    lost; loader workers forked later inherit the handler too.
+    lost. Loader workers ignore all three (data/pipeline.py): this process decides.
     """
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True  # only a flag: the step in flight finishes undisturbed
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C: the default, immediate end
+            console.say("Ctrl-C: stopping at the next step boundary with a checkpoint (press Ctrl-C again to "
+                        "quit at once, losing what follows the last checkpoint)")
 
     @staticmethod
     def ignore_from_now_on() -> None:
         """After the signal's checkpoint, a further stop request has nothing left to do. torchrun SIGTERMs the
         ranks still shutting down once one has exited 75, and Python restores the default (fatal) SIGTERM
         action during interpreter shutdown: ignoring it keeps every rank's exit code 75 instead of "killed"."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
 
 

@@ -10,11 +10,12 @@ from . import console
 from .batches import Batches
 from .checkpoints import (CheckpointError, Progress, checkpoint_dirs, failure_message, save_checkpoint,
                           state_bytes, step_name)
-from .options import STOP_CHECK_EVERY, EvalConfig, OptimConfig, RunConfig
+from .continuation import current_segment
+from .options import STOP_CHECK_EVERY, Config
 from .evaluation import check_count, check_replicas, evaluate, export_model, sync_buffers
 from .faults import FAULTS
 from .monitor import Monitor, StepMeter, progress_bar
-from .recipe import Learner
+from .recipe import Learner, peak_lr, set_schedule
 from .stops import EXIT_REQUEUE, NonFiniteGuard, StopReason, StopRequest, agree_to_stop, unsafe_to_save
 
 
@@ -23,45 +24,76 @@ class Trainer:
     collectives, and the main process does the writing."""
 
     def __init__(self, accelerator, learner: Learner, batches: Batches, monitor: Monitor, progress: Progress,
-                 stop: StopRequest, *, run: RunConfig, optim: OptimConfig, evaluation: EvalConfig, epochs: int):
+                 stop: StopRequest, cfg: Config):
         self.accelerator, self.learner, self.batches, self.monitor = accelerator, learner, batches, monitor
         self.progress, self.stop = progress, stop
-        self.run, self.epochs, self.clip_grad, self.flip = run, epochs, optim.clip_grad, evaluation.eval_flip
-        self.batches_per_epoch = batches.steps_per_epoch * optim.grad_accum  # whole optimizer steps only
-        self.out = Path(run.output_dir)
-        self.guard = NonFiniteGuard(accelerator.device, optim.max_nonfinite_steps)
+        self.config = {**cfg.flat(), "num_classes": learner.card["num_classes"]}  # what each checkpoint records
+        self.run, self.epochs, self.flip = cfg.run, cfg.schedule.epochs, cfg.evaluation.eval_flip
+        self.clip_grad, self.grad_accum = cfg.optim.clip_grad, cfg.optim.grad_accum
+        self.images_per_batch = cfg.optim.batch_size * accelerator.num_processes  # one batch of every rank
+        self.out = Path(cfg.run.output_dir)
+        self.guard = NonFiniteGuard(accelerator.device, cfg.optim.max_nonfinite_steps)
         self.bad_samples = 0  # corrupt training samples skipped by all ranks, as last reported
         self.cpu_fallbacks = 0  # --decode device: images decoded on the CPU instead, by all ranks, as last reported
         self.size_said = None  # the training size last announced on the console
+        self.saved_step = -1  # the step of the newest checkpoint this run wrote
+        self.epoch_batches = self.batches_in_epoch()
+        learner.clock.step = self.schedule_step()
+        if progress.global_step:  # resumed: this run's peak LR at the checkpoint's point of the schedule
+            set_schedule(learner.optimizer, learner.scheduler, peak_lr(cfg.optim, accelerator.num_processes))
 
     def fit(self) -> StopReason | None:
         """Epochs to the last, with evaluation and checkpoints; returns why it stopped early, if it did."""
         p = self.progress
         while p.epoch < self.epochs:
             reason = self.train_epoch(p.epoch)
+            # --max-steps on the epoch's last step still ends the epoch: its records, evaluation and checkpoint
+            if reason and not (reason is StopReason.MAX_STEPS and p.batch_in_epoch == self.epoch_batches):
+                return reason
+            if self.end_epoch():
+                return StopReason.NONFINITE
             if reason:
                 return reason
-            self.report_bad_samples()
-            # logged when the epoch ends, before its checkpoint, so a resume neither repeats nor loses the record
-            self.monitor.log(p.global_step, {"epoch": p.epoch, "resolution": self.batches.resolution.at(p.epoch)},
-                             "epoch")
-            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-            if self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs):
-                result = self.evaluate()
-                if result["top1"] > p.best_top1:
-                    p.best_top1, p.best_checkpoint = result["top1"], step_name(p.global_step)
-            if self.save():
-                return StopReason.NONFINITE
         return None
+
+    def end_epoch(self) -> bool:
+        """The epoch's records, then the next epoch's start: evaluation and a checkpoint; True when the numbers
+        went non-finite (nothing saved)."""
+        p = self.progress
+        self.report_bad_samples()
+        # logged when the epoch ends, before its checkpoint, so a resume neither repeats nor loses the record
+        self.monitor.log(p.global_step, {"epoch": p.epoch, "resolution": self.batches.resolution.at(p.epoch)},
+                         "epoch")
+        p.start_epoch(p.epoch + 1)
+        self.epoch_batches = self.batches_in_epoch()
+        if self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs):
+            result = self.evaluate()
+            if result["top1"] > p.best_top1:
+                p.best_top1, p.best_checkpoint = result["top1"], step_name(p.global_step)
+        return self.save() is not None
+
+    def batches_in_epoch(self) -> int:
+        """Batches per rank in the current epoch (in its current segment), whole optimizer steps only."""
+        n = self.batches.train.batches_in(current_segment(self.progress))
+        return n // self.grad_accum * self.grad_accum
+
+    def schedule_step(self) -> float:
+        """The point of the LR schedule, in optimizer steps of this run: whole epochs, plus the share of this
+        epoch's images used so far (exactly the step count while the layout stays as the epoch began)."""
+        p, per_epoch = self.progress, self.batches.steps_per_epoch
+        used = p.images_before_segment + p.batch_in_epoch * self.images_per_batch
+        total = p.images_before_segment + self.epoch_batches * self.images_per_batch
+        return p.epoch * per_epoch + (per_epoch * used / total if total else per_epoch) - p.skipped_steps
 
     def train_epoch(self, epoch: int) -> StopReason | None:
         """One epoch from ``progress.batch_in_epoch`` (mid-epoch after a resume)."""
         a, p, learner, prep = self.accelerator, self.progress, self.learner, self.batches.prep
-        self.batches.train.set_epoch(epoch, start_batch=p.batch_in_epoch, image_size=self.resolution(epoch))
+        self.batches.train.set_epoch(epoch, start_batch=p.batch_in_epoch, image_size=self.resolution(epoch),
+                                     segment=current_segment(p))
         learner.model.train()
-        bar = progress_bar(self.run.progress and a.is_main_process, epoch, self.batches_per_epoch, p.batch_in_epoch)
+        bar = progress_bar(self.run.progress and a.is_main_process, epoch, self.epoch_batches, p.batch_in_epoch)
         meter, it, reason = StepMeter(a.device), iter(self.batches.train), None
-        while p.batch_in_epoch < self.batches_per_epoch and not reason:
+        while p.batch_in_epoch < self.epoch_batches and not reason:
             # data: wait for the loader (timed), then normalise and mix on the device
             meter.start_wait()
             images, labels = next(it)
@@ -105,13 +137,14 @@ class Trainer:
             p.skipped_steps += 1  # fp16 overflow: the scaler skipped it, so the schedule must not advance
             console.say(f"step {p.global_step}: fp16 overflow, step skipped (loss scale now {self.loss_scale()})")
         else:
+            learner.clock.step = self.schedule_step()
             learner.scheduler.step()
         p.global_step += 1
         if learner.ema is not None:
             learner.ema.update(a.unwrap_model(learner.model), step=p.global_step)
         if p.global_step % self.run.log_every == 0:
             self.log_interval(meter)
-        epoch_end = p.batch_in_epoch == self.batches_per_epoch  # fit() saves after evaluating
+        epoch_end = p.batch_in_epoch == self.epoch_batches  # end_epoch() saves after evaluating
         if self.run.checkpoint_every and p.global_step % self.run.checkpoint_every == 0 and not epoch_end:
             if self.save():
                 return StopReason.NONFINITE
@@ -177,7 +210,8 @@ class Trainer:
             return StopReason.NONFINITE
         root = self.out / "checkpoints"
         try:
-            save_checkpoint(a, root, self.progress, learner.ema, self.run.keep_checkpoints)
+            save_checkpoint(a, root, self.progress, learner.ema, self.run.keep_checkpoints, self.config)
+            self.saved_step = self.progress.global_step
         except CheckpointError as e:
             states = [a.unwrap_model(learner.model).state_dict(), learner.optimizer.state_dict()]
             states += [learner.ema.module.state_dict()] if learner.ema is not None else []
@@ -189,7 +223,7 @@ class Trainer:
         """The final evaluation and export; or a checkpoint and the requeue code after a signal; or, when the
         numbers went non-finite, the error and exit code 1 with the last good checkpoint untouched."""
         a, p, model = self.accelerator, self.progress, self.learner.model
-        if reason in (StopReason.SIGNAL, StopReason.MAX_STEPS):
+        if reason in (StopReason.SIGNAL, StopReason.MAX_STEPS) and self.saved_step != p.global_step:
             reason = self.save() or reason
         if reason is StopReason.NONFINITE:
             newest = checkpoint_dirs(self.out / "checkpoints")

@@ -262,7 +262,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_says_what_is_n
         assert checkpoints(out) == ["step-00000002"], "nothing half-written is left"
         step2 = ckpt / "step-00000002"
         C.verify_checksums(step2)
-        assert C.read_progress(step2 / "progress.json").global_step == 2
+        assert C.read_progress(step2).global_step == 2
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in step2.iterdir()}
         assert len(load_file(str(step2 / "model.safetensors"))) > 0
     finally:
@@ -426,26 +426,46 @@ def test_corrupt_samples_are_counted_exactly_and_too_many_stop_the_run(tmp_path,
 # -------------------------------------------------------------------------- 7. SIGTERM / SIGUSR1
 
 
-def test_a_signal_to_one_worker_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, digits_shards,
-                                                                                 reference, launch):
-    """torchrun turns the workers' 75 into its own exit code 1, but prints each worker's code; SLURM
-    wrappers (launch/slurm/) requeue on the signal they sent, a plain wrapper can read the checkpoint."""
+def test_sigterm_to_every_process_or_sigusr1_to_one_rank_stops_all_at_one_step_with_one_checkpoint(
+        tmp_path, digits_shards, reference, launch):
+    """Round 1: SIGTERM to every process of the job, as SLURM sends it on preemption or scancel: the launcher,
+    the ranks and their loader workers. The workers ignore it (the trainer decides), so no "DataLoader worker
+    killed". Round 2, resumed: SIGUSR1 to rank 0 alone, which the ranks agree on at the next check. Each ends
+    in one checkpoint at the agreed step; round 3 resumes to the end with the uninterrupted run's weights.
+    (--workers 1 deals the batches of the reference's 0: one reader slot per rank either way.) torchrun turns
+    the ranks' 75 into its own exit code 1 but prints each one's code; the SLURM wrappers (launch/slurm/)
+    requeue on the signal they sent, and a plain wrapper can read the checkpoint."""
     out = tmp_path / "run"
-    cmd = accelerate_launch(2, *two_process_args(digits_shards), "--output-dir", out, "--resume", "auto")
-    for sig, rank, after, stop_step in ((signal.SIGTERM, 1, 2, 10), (signal.SIGUSR1, 0, 11, 20)):
-        stopped = launch(cmd)
-        stopped.wait_for_line(f"step {after} ")
-        stopped.workers()[rank].send_signal(sig)
-        assert stopped.wait(timeout=240) == 1, stopped.output
-        output = stopped.output
-        assert re.findall(r"stopped by signal at step (\d+)", output) == [str(stop_step)], output
-        assert len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, "both workers exit with EX_TEMPFAIL\n" + output
-        assert stopped.last_step() == stop_step, "no rank went past the agreed step"
-        if stop_step == 20:
-            assert f"resumed from {out / 'checkpoints' / 'step-00000010'} at step 10 " in output
+    cmd = accelerate_launch(2, *two_process_args(digits_shards), "--workers", "1", "--output-dir", out,
+                            "--resume", "auto")
+    stopped = launch(cmd)
+    stopped.wait_for_line("step 3 ")
+    tree = [psutil.Process(stopped.proc.pid), *psutil.Process(stopped.proc.pid).children(recursive=True)]
+    assert all(rank.children() for rank in stopped.workers().values()), "each rank's loader worker is running"
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=240) != 0, "torchrun, signalled itself, ends with an error once the ranks are done"
+    output = stopped.output
+    assert "killed by signal" not in output and "Traceback" not in output, output
+    assert re.findall(r"stopped by signal at step (\d+)", output) == ["10"], output
+    assert stopped.last_step() == 10, "no rank went past the agreed step"
+
+    stopped = launch(cmd)
+    stopped.wait_for_line("step 11 ")
+    stopped.workers()[0].send_signal(signal.SIGUSR1)
+    assert stopped.wait(timeout=240) == 1, stopped.output
+    output = stopped.output
+    assert f"resumed from {out / 'checkpoints' / 'step-00000010'} at step 10 " in output
+    assert re.findall(r"stopped by signal at step (\d+)", output) == ["20"], output
+    assert len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, "both ranks exit with EX_TEMPFAIL\n" + output
+    assert stopped.last_step() == 20, "no rank went past the agreed step"
     assert checkpoints(out) == ["step-00000012", "step-00000016", "step-00000020"]
-    assert_same_tensors(load_file(str(out / "checkpoints" / "step-00000020" / "model.safetensors")),
-                        load_file(str(reference / "checkpoints" / "step-00000020" / "model.safetensors")))
+
+    run(cmd, timeout=300)
+    for step in ("step-00000020", "step-00000022"):
+        assert_same_tensors(load_file(str(out / "checkpoints" / step / "model.safetensors")),
+                            load_file(str(reference / "checkpoints" / step / "model.safetensors")))
 
 
 # ---------------------------------------------------------------------------- 8. untrusted checkpoint
