@@ -53,6 +53,12 @@ def shuffled(items, bufsize: int, rng: random.Random):
     yield from buf
 
 
+def even_share(n: int, i: int, k: int) -> tuple[int, int]:
+    """Positions [lo, hi) of part ``i`` of ``n`` cut into ``k`` consecutive parts whose sizes differ by at most
+    one: how validation deals its samples, every one exactly once."""
+    return n * i // k, n * (i + 1) // k
+
+
 def owned(v: int, n: int, slots: int) -> int:
     """How many of the batch indices 0..n-1 fall to slot ``v`` under round-robin over ``slots``."""
     return max(0, (n - v + slots - 1) // slots)

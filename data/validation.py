@@ -1,8 +1,12 @@
-"""The validation loader: every validation sample exactly once over all ranks and workers.
+"""The validation loader: every validation sample exactly once over all ranks and workers, in equal shares.
 
-Shard ``s`` goes to slot ``s % (world_size * W)``: every sample is read by exactly one rank and
-worker, nothing is padded or repeated, the last batch of each worker may be short, and ranks or
-workers without a shard yield nothing.
+The split's samples, its shards in manifest order end to end, are cut into one contiguous run per rank and
+then per worker, of sizes that differ by at most one sample (``data.positions.even_share``): shards are
+split by sample, as training splits them, so every rank evaluates as many images as any other whatever the
+shard count. (Dealing whole shards left most ranks idle: 50 shards for 8 GPUs x 12 workers gave 3 ranks
+nothing and the evaluation the time of the busiest; docs/benchmarks.md, "Validation balance".) A run that
+starts inside a shard seeks to its first sample (data/shard_reader.py). Nothing is padded or repeated; the
+last batch of each worker may be short.
 
 Corrupt samples are skipped and counted as in training (data/pipeline.py); a batch is then shorter.
 """
@@ -12,19 +16,28 @@ from __future__ import annotations
 import math
 from itertools import islice
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .device_decode import DeviceDecoder, EncodedBatch
 from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, ignore_stop_signals,
                        stack_images, worker_slot)
-from .shard_reader import read_shard
+from .positions import even_share
+from .shard_reader import read_positions
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanResize, val_transform
 
 
+def worker_run(num_samples: int, rank: int, world_size: int, worker: int, workers: int) -> tuple[int, int]:
+    """Positions [lo, hi) of the split that (rank, worker) evaluates: an even share of the rank's even share."""
+    lo, hi = even_share(num_samples, rank, world_size)
+    a, b = even_share(hi - lo, worker, workers)
+    return lo + a, lo + b
+
+
 class _ValStream(IterableDataset):
-    """The samples of this rank's shards, once: shard s belongs to slot s % (world_size * workers)."""
+    """The samples of this rank's and worker's run of the split, once (see the module docstring)."""
 
     def __init__(self, shards: ShardSet, loader: "ValLoader", transform):
         self.shards, self.transform, self.counter = shards, transform, loader._counter
@@ -33,9 +46,10 @@ class _ValStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = worker_slot()
-        slots = self.world_size * workers
-        mine = self.shards.urls[self.rank * workers + worker::slots]
-        samples = (s for url in mine for s in read_shard(url))
+        lo, hi = worker_run(self.shards.num_samples, self.rank, self.world_size, worker, workers)
+        in_manifest_order = list(range(len(self.shards.urls)))
+        samples = (s for _, s in read_positions(self.shards.urls, self.shards.lengths, in_manifest_order,
+                                                np.arange(lo, hi, dtype=np.int64)))
         while raw := list(islice(samples, self.batch_size)):
             images, labels, kept = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
             if images and self.encoded:
@@ -51,9 +65,9 @@ class ValLoader(SampleAccounting):
                  transform, max_bad_fraction: float = 0.001, decode_on=None):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        workers, slots = max(1, num_workers), world_size * max(1, num_workers)
-        self._len = sum(math.ceil(sum(shards.lengths[rank * workers + w::slots]) / batch_size)
-                        for w in range(workers))
+        workers = max(1, num_workers)
+        runs = [worker_run(self.num_samples, rank, world_size, w, workers) for w in range(workers)]
+        self._len = sum(math.ceil((hi - lo) / batch_size) for lo, hi in runs)
         self._counter = BadSampleCounter(max_bad_fraction)
         self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=False)
         transform = transform if decode_on is None else PlanResize(transform)

@@ -119,6 +119,19 @@ def test_every_validation_sample_is_read_by_exactly_one_rank(shards, world_size,
     assert sorted(everything) == list(VAL_IDS)  # union is the split, and no id twice
 
 
+@pytest.mark.parametrize("world_size, workers", [(4, 2), (3, 1), (2, 2)])
+def test_validation_is_dealt_in_equal_shares_whatever_the_shard_count(shards, world_size, workers):
+    """23 images in 5 shards for 4 ranks x 2 workers: dealing whole shards gave the ranks 10, 10, 3 and 0."""
+    counts = []
+    for rank in range(world_size):
+        loader = build_val_loader(shards, batch_size=4, num_workers=workers, rank=rank, world_size=world_size,
+                                  image_size=SIZE, crop_pct=1.0)
+        batches = _epoch(loader)
+        assert len(batches) == len(loader)
+        counts.append(sum(len(y) for _, y in batches))
+    assert sum(counts) == len(VAL_IDS) and max(counts) - min(counts) <= 1, counts
+
+
 def test_shard_order_changes_every_epoch_and_repeats_for_the_same_seed(shards):
     loader = _train(shards, num_workers=2)  # persistent workers: the epoch must still reach them
     first = [_ids(x) for x, _ in _epoch(loader, 0)]
