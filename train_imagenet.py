@@ -57,10 +57,11 @@ from engine.options import Config
 from engine.evaluation import check_count, evaluate, load_weights
 from engine.monitor import Monitor
 from engine.recipe import (Learner, ScheduleClock, build_criterion, build_ema, build_network, build_optimizer,
-                           build_scheduler, network_card)
+                           build_scheduler, network_card, peak_lr)
 from engine.resume import Fit, resume_from
 from engine.rundir import claim_run_dir
-from engine.runtime import adopt_slurm_ranks, allow_a_graph_per_size, make_accelerator, write_run_info
+from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, make_accelerator, seed_each_rank,
+                            write_run_info)
 from engine.stops import StopRequest
 from engine.trainer import Trainer
 
@@ -98,6 +99,7 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     scheduler = build_scheduler(cfg.schedule, optimizer, steps, clock)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = build_ema(cfg.optim.ema_decay, accelerator.unwrap_model(model))
+    seed_each_rank(cfg.run.seed, accelerator.process_index)  # the same weights everywhere; augmentation per rank
     criterion = build_criterion(cfg.optim.label_smoothing, mixes=cfg.augment.mixes)
     learner = Learner(model, optimizer, scheduler, ema, criterion, network_card(cfg.model, loader.num_classes), clock)
     # where to start: the newest good checkpoint that fits this run, or step 0; its epoch under this layout
@@ -108,7 +110,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     monitor = Monitor(out, enabled=accelerator.is_main_process, resume_step=progress.global_step,
                       hparams=cfg.flat(), workers=cfg.data.workers, log_every=cfg.run.log_every)
     console.say(f"{cfg.model.arch}: {steps} steps/epoch x {cfg.schedule.epochs} epochs, global batch "
-                f"{cfg.optim.batch_size * world * cfg.optim.grad_accum}, {world} process(es) on "
+                f"{cfg.optim.batch_size * world * cfg.optim.grad_accum}, peak LR {peak_lr(cfg.optim, world):.4g} "
+                f"(--lr {cfg.optim.lr:g} per 256 images, {cfg.optim.lr_scaling}), {world} process(es) on "
                 f"{accelerator.device.type}")
     # the loop; then the final evaluation and export, or a checkpoint and the requeue code
     trainer = Trainer(accelerator, learner, batches, monitor, progress, stop, cfg)

@@ -49,10 +49,14 @@ class BatchBuffers:
         _LIVE[self.token] = self
 
     @classmethod
-    def create(cls, workers: int, batch_shape: tuple[int, int, int, int]) -> "BatchBuffers | None":
-        """The buffers, or None (with a warning) if they would take over half the free shared memory:
-        the loader then sends every batch the DataLoader's way."""
-        need = workers * BUFFERS_PER_WORKER * int(torch.Size(batch_shape).numel())
+    def create(cls, workers: int, batch_shape: tuple[int, int, int, int],
+               local_ranks: int = 1) -> "BatchBuffers | None":
+        """The buffers, or None (with a warning) if those of the ``local_ranks`` training processes on this
+        node would take over half the free shared memory: the loader then sends every batch the DataLoader's
+        way. The node's need, not this process's: all its processes check at the same moment, and each one's
+        own share fitting could still overfill /dev/shm together (a SIGBUS when a page is first touched)."""
+        mine = workers * BUFFERS_PER_WORKER * int(torch.Size(batch_shape).numel())
+        need = mine * max(1, local_ranks)
         try:
             st = os.statvfs(SHM_DIR)
             free = st.f_bavail * st.f_frsize
@@ -60,9 +64,10 @@ class BatchBuffers:
             return None
         if need > free // 2:
             # a warning, not info: the trainer shows warnings, and this costs throughput the user can get back
-            log.warning("loader batch buffers would need %.1f GB of %s, %.1f GB free: using the DataLoader's "
-                        "slower per-batch segments instead (give %s more room, e.g. docker --shm-size)",
-                        need / 1e9, SHM_DIR, free / 1e9, SHM_DIR)
+            log.warning("loader batch buffers of the %d training process(es) on this node would need %.1f GB of "
+                        "%s, %.1f GB free: using the DataLoader's slower per-batch segments instead (give %s "
+                        "more room, e.g. docker --shm-size, or fewer --workers)", max(1, local_ranks), need / 1e9,
+                        SHM_DIR, free / 1e9, SHM_DIR)
             return None
         return cls(workers, batch_shape)
 

@@ -278,7 +278,8 @@ class TrainLoader(SampleAccounting):
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
                  seed: int, augment: TrainAugment, image_size: int, max_bad_fraction: float,
-                 max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None):
+                 max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None,
+                 local_ranks: int = 1):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer, self.decode = shuffle_buffer, "cpu" if decode_on is None else "device"
@@ -294,7 +295,8 @@ class TrainLoader(SampleAccounting):
         # anything larger sends it the DataLoader's way (BatchBuffers.fill)
         big = max(image_size, max_image_size or 0)
         pixels = num_workers > 0 and decode_on is None  # with decode_on the workers ship bytes
-        self._buffers = BatchBuffers.create(num_workers, (batch_size, 3, big, big)) if pixels else None
+        shape = (batch_size, 3, big, big)
+        self._buffers = BatchBuffers.create(num_workers, shape, local_ranks) if pixels else None
         self._decoder = None if decode_on is None else DeviceDecoder(decode_on, self._counter, train=True)
         stream = _TrainStream(shards, self, augment)
         stream.transform(image_size)  # here, so a bad augmentation option fails before any worker starts
@@ -357,16 +359,18 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
                        world_size: int = 1, seed: int = 0, image_size: int = 224,
                        augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
                        max_image_size: int | None = None, info: str | None = None,
-                       shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None) -> TrainLoader:
+                       shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None, local_ranks: int = 1) -> TrainLoader:
     """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources), of
     ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
-    sizes the shared-memory batch buffers). ``decode_on`` None: the workers decode; a device: the JPEGs of
-    each batch are decoded there in one call (data/device_decode.py)."""
+    sizes the shared-memory batch buffers, of which the ``local_ranks`` training processes on this node make
+    one set each). ``decode_on`` None: the workers decode; a device: the JPEGs of each batch are decoded there
+    in one call (data/device_decode.py)."""
     check_rank(rank, world_size)
     shards = resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
-                       max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on)
+                       max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on,
+                       local_ranks=local_ranks)
 
 
 def check_rank(rank: int, world_size: int) -> None:

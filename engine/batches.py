@@ -11,6 +11,7 @@ from data import TrainAugment, build_train_loader, build_val_loader
 
 from . import console
 from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
+from .runtime import local_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +71,8 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
                               num_workers=data.workers, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
                               max_image_size=resolution.largest(), augment=timm_augment,
-                              max_bad_fraction=data.max_bad_fraction, decode_on=decode_on(data, accelerator))
+                              max_bad_fraction=data.max_bad_fraction, decode_on=decode_on(data, accelerator),
+                              local_ranks=local_world_size())
 
 
 def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, accelerator):

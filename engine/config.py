@@ -93,7 +93,7 @@ def read_recipe(path: str) -> dict:
         if name not in declared:
             fatal(f"{path}: unknown key '{key}'; valid keys: {', '.join(sorted(declared))}")
         choices = declared[name][0].metadata["choices"]
-        if choices and value not in choices:
+        if choices and value not in choices and not (value is None and declared[name][0].default is None):
             fatal(f"{path}: {key}: '{value}' is not one of {', '.join(map(str, choices))}")
         values[name] = value
     return values

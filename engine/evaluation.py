@@ -90,15 +90,21 @@ def plain_keys(state: dict) -> dict:
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
-def export_model(accelerator, model, out: Path, card: dict) -> None:
+def export_model(accelerator, model, out: Path, card: dict, ema=None) -> None:
     """model.pt: a plain state_dict (no `module.` / `_orig_mod.` prefixes) with torchvision's names, which its
-    resnet loads strictly; model.json beside it: the network it belongs to and how to build that."""
+    resnet loads strictly; model.json beside it: the network it belongs to and how to build that; with an EMA,
+    model_ema.pt, its weights the same way. Each is written beside and renamed, so none is ever half there."""
     if not accelerator.is_main_process:
         return
-    state = accelerator.unwrap_model(model).state_dict()
-    state = {k: v.detach().cpu() for k, v in plain_keys(state).items()}
-    for name, write in (("model.pt", lambda tmp: torch.save(state, tmp)),
-                        ("model.json", lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))):
+
+    def plain(net: nn.Module) -> dict:
+        return {k: v.detach().cpu() for k, v in plain_keys(net.state_dict()).items()}
+
+    files = {"model.pt": lambda tmp: torch.save(plain(accelerator.unwrap_model(model)), tmp),
+             "model.json": lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n")}
+    if ema is not None:
+        files["model_ema.pt"] = lambda tmp: torch.save(plain(ema.module), tmp)
+    for name, write in files.items():
         tmp = out / f".{name}.tmp"
         write(tmp)
         os.replace(tmp, out / name)

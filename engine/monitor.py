@@ -95,11 +95,18 @@ class StepMeter:
         self.batches += 1
         self.images += n
 
-    def read(self, world_size: int) -> dict:
-        loss = self.loss_sum.item()  # waits for the device: the interval's queued GPU work is inside the timing
+    def read(self, accelerator) -> dict:
+        """The interval's figures over all ranks (every rank calls it at the same step): the mean loss, and the
+        slowest rank's data wait, which is what holds every rank up at the next all-reduce."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        stats = {"loss": loss / max(self.batches, 1),
-                 "images_per_s": self.images * world_size / elapsed, "data_wait_fraction": self.wait / elapsed}
+        # .item()/.tolist() wait for the device: the interval's queued GPU work is inside the timing
+        mine = torch.stack([self.loss_sum.float(), torch.tensor(float(self.batches), device=self.device),
+                            torch.tensor(self.wait / elapsed, device=self.device)])
+        ranks = accelerator.gather(mine[None]) if accelerator.num_processes > 1 else mine[None]
+        loss_sum, batches, _ = ranks.sum(dim=0).tolist()
+        stats = {"loss": loss_sum / max(batches, 1),
+                 "images_per_s": self.images * accelerator.num_processes / elapsed,
+                 "data_wait_fraction": float(ranks[:, 2].max())}
         self.reset()
         return stats
 

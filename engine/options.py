@@ -164,8 +164,9 @@ class RuntimeConfig:
     """runtime: processes, devices and numerics"""
 
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
-    precision: str = option("no", "mixed precision (Accelerate's autocast; fp16 with a loss scaler)",
-                            choices=("no", "bf16", "fp16"))
+    precision: str | None = option(None, "mixed precision (Accelerate's autocast; fp16 with a loss scaler); "
+                                         "default: what accelerate launch's --mixed_precision (or its config "
+                                         "file) says, else no", choices=("no", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model (inductor)")
     deterministic: bool = option(False, "deterministic kernels (slower)")
     dist_timeout: int = option(1800, "seconds a collective may wait for the other ranks before the run fails",

@@ -27,7 +27,28 @@ def adopt_slurm_ranks() -> None:
         console.fatal("under srun, export MASTER_ADDR first, e.g. "
                       'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)')
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+    # tasks on this node: "4" or, for unequal nodes, this node's entry of e.g. "4(x2),3" (SLURM's own format)
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+    env.setdefault("LOCAL_WORLD_SIZE", per_node)
     env.setdefault("MASTER_PORT", "29500")
+
+
+def local_world_size() -> int:
+    """Training processes on this node (torchrun sets it, adopt_slurm_ranks under srun); 1 if unknown."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def mixed_precision(option: str | None, launcher: str | None) -> tuple[str, str | None]:
+    """The precision to train in: --precision when given, else what `accelerate launch --mixed_precision` (or
+    its config file) set, else no; and a line to say when --precision overrides a different launcher setting."""
+    if option is None:
+        return launcher or "no", None
+    if launcher and launcher != option:
+        return option, f"--precision {option} overrides accelerate launch's --mixed_precision {launcher}"
+    return option, None
 
 
 def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
@@ -35,18 +56,22 @@ def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     on_cpu = runtime.cpu or not torch.cuda.is_available()
-    if on_cpu and runtime.precision == "fp16":
+    precision, note = mixed_precision(runtime.precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    if on_cpu and precision == "fp16":
         console.fatal("--precision fp16 needs a GPU; use bf16 or no on the CPU")
     accelerator = Accelerator(
         cpu=on_cpu,  # without it a CPU-only process under torchrun would not join the gloo group
-        mixed_precision=runtime.precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=grad_accum,
         dynamo_backend="inductor" if runtime.compile else "no",
         step_scheduler_with_optimizer=False,  # our schedule counts global steps; we step it ourselves
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=runtime.dist_timeout))],
     )
     console.bind(accelerator.is_main_process)
-    # The same seed on every rank gives identical initial weights; the loader seeds itself per rank.
+    if note:
+        console.warn(note)
+    # The same seed on every rank gives identical initial weights (seed_each_rank follows once they are built);
+    # the loader seeds itself per batch.
     set_seed(seed, deterministic=runtime.deterministic)
     if not on_cpu:
         torch.backends.cudnn.benchmark = not runtime.deterministic
@@ -57,6 +82,18 @@ def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
                        f"local_rank {accelerator.local_process_index} host {socket.gethostname()} "
                        f"device {accelerator.device} backend {backend}")
     return accelerator
+
+
+def seed_each_rank(seed: int, rank: int) -> None:
+    """A random stream of its own for each rank, once the network is built. Mixup/CutMix and random erasing
+    run in the training process (engine/batches.py): with one seed for all, every rank drew the same lambda and
+    the same boxes at every step, so a global batch shared one lambda (timm seeds seed + rank too). The
+    network is built before this from the common seed, so its initial weights are the same on every rank
+    (and DDP broadcasts rank 0's when it wraps the model). Each rank's stream is in its checkpoint's RNG file,
+    so a resume continues it exactly; the loader seeds each batch itself and is not affected."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed + rank)
 
 
 def allow_a_graph_per_size(sizes: int) -> None:

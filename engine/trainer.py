@@ -141,7 +141,8 @@ class Trainer:
             learner.scheduler.step()
         p.global_step += 1
         if learner.ema is not None:
-            learner.ema.update(a.unwrap_model(learner.model), step=p.global_step)
+            # no step: timm's EMA warmup is off (use_warmup=False), so the decay is --ema-decay from the first step
+            learner.ema.update(a.unwrap_model(learner.model))
         if p.global_step % self.run.log_every == 0:
             self.log_interval(meter)
         epoch_end = p.batch_in_epoch == self.epoch_batches  # end_epoch() saves after evaluating
@@ -156,7 +157,7 @@ class Trainer:
 
     def log_interval(self, meter: StepMeter) -> None:
         a, p = self.accelerator, self.progress
-        stats = meter.read(a.num_processes)
+        stats = meter.read(a)
         stats["lr"] = self.learner.optimizer.param_groups[0]["lr"]
         if a.scaler is not None:
             stats["loss_scale"] = self.loss_scale()
@@ -240,9 +241,7 @@ class Trainer:
                         f"step={p.global_step}")
         sync_buffers(a, a.unwrap_model(model))
         check_replicas(a, model)
-        export_model(a, model, self.out, self.learner.card)
-        if self.learner.ema is not None and a.is_main_process:
-            torch.save(self.learner.ema.module.state_dict(), self.out / "model_ema.pt")
+        export_model(a, model, self.out, self.learner.card, self.learner.ema)
         self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})
         console.say(f"model written to {self.out / 'model.pt'}; view curves with: tensorboard --logdir {self.out}")
         return 0

@@ -122,3 +122,19 @@ def test_a_lower_resolution_fills_the_front_of_the_same_buffers(digits_shards):
         assert same(got, epoch(fixed, 1))
     gc.collect()
     assert ramp._buffers.in_use() == 0 and ramp._buffers.batch_shape == (16, 3, 40, 40)
+
+
+def test_shared_memory_is_accounted_for_every_training_process_on_the_node(monkeypatch, caplog):
+    """8 local ranks check at the same moment: each one's share fitting is not enough (they would overfill it
+    together, a SIGBUS), so the node's need is what is compared."""
+    shape = (4, 3, 16, 16)
+    mine = 2 * BUFFERS_PER_WORKER * 4 * 3 * 16 * 16
+
+    class Room:
+        f_bavail, f_frsize = 3 * mine, 1  # one process's buffers fit in half of it, eight processes' do not
+
+    monkeypatch.setattr(data.batch_buffers.os, "statvfs", lambda path: Room)
+    assert BatchBuffers.create(2, shape, local_ranks=1) is not None
+    assert BatchBuffers.create(2, shape, local_ranks=8) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "of the 8 training process(es) on this node" in warned[0]

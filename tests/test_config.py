@@ -23,7 +23,7 @@ def test_every_flag_is_a_recipe_key_and_every_option_has_help():
 def test_each_group_holds_its_options_with_their_defaults():
     cfg = parse_config(["--synthetic", "--lr", "0.4", "--no-channels-last", "--milestones", "2", "4"])
     assert (cfg.optim.lr, cfg.model.channels_last, cfg.schedule.milestones) == (0.4, False, [2, 4])
-    assert (cfg.data.image_size, cfg.runtime.precision, cfg.run.output_dir) == (224, "no", "runs/default")
+    assert (cfg.data.image_size, cfg.runtime.precision, cfg.run.output_dir) == (224, None, "runs/default")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # a part of the engine cannot change what another part reads
 

@@ -113,3 +113,23 @@ def test_only_a_plain_imagenet_network_is_called_torchvision_equivalent():
 
     assert card("--arch", "resnet50") and not card("--arch", "resnet50", "--blurpool")
     assert not card("--arch", "resnet50", "--cifar-stem") and not card("--arch", "resnet20")
+
+
+def test_the_export_writes_model_and_ema_alike_beside_and_renamed_with_plain_keys(tmp_path):
+    """model_ema.pt was written in place (a crash could leave half of it) and kept the wrappers' key prefixes."""
+    import torchvision
+    from types import SimpleNamespace
+
+    from timm.utils import ModelEmaV3
+
+    from engine.evaluation import export_model
+
+    net = build_model("resnet18", num_classes=10)
+    compiled_like = torch.nn.Module()
+    compiled_like._orig_mod = net  # what torch.compile's wrapper names its module
+    accelerator = SimpleNamespace(is_main_process=True, unwrap_model=lambda m: m)
+    export_model(accelerator, net, tmp_path, network_card(parse_config(["--synthetic", "--arch", "resnet18"]).model,
+                                                          10), ema=ModelEmaV3(compiled_like, decay=0.9))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt", "model_ema.pt"]
+    for name in ("model.pt", "model_ema.pt"):
+        torchvision.models.resnet18(num_classes=10).load_state_dict(torch.load(tmp_path / name, weights_only=True))

@@ -28,3 +28,34 @@ def test_run_info_holds_the_resolved_recipe_and_the_versions(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.flat()
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["world_size"] == 1 and {"torch", "timm", "accelerate", "webdataset"} <= set(info["versions"])
+
+
+def test_each_rank_draws_its_own_mixup_and_erasing_and_the_same_rank_the_same():
+    """With one seed for all, two ranks given different images drew the same Mixup lambda and the same erasing
+    boxes at every step (seen on 2 gloo processes); seed + rank, as timm does."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    from engine.runtime import seed_each_rank
+
+    def draws(rank: int):
+        seed_each_rank(7, rank)
+        mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=10)
+        erase = RandomErasing(1.0, mode="pixel", device="cpu")  # as engine/batches.py makes it
+        lams = [mix._params_per_batch()[0] for _ in range(4)]
+        return lams, erase(torch.zeros(2, 3, 32, 32))
+
+    (lam0, erased0), (lam1, erased1), (again, erased_again) = draws(0), draws(1), draws(0)
+    assert lam0 != lam1 and not torch.equal(erased0, erased1)
+    assert lam0 == again and torch.equal(erased0, erased_again)
+
+
+def test_precision_follows_accelerate_launch_unless_given_and_says_when_it_overrides_it():
+    """`accelerate launch --mixed_precision bf16` was silently overridden by --precision's default (no)."""
+    from engine.runtime import mixed_precision
+
+    assert mixed_precision(None, "bf16") == ("bf16", None)
+    assert mixed_precision(None, None) == ("no", None)
+    assert mixed_precision("bf16", "bf16") == ("bf16", None)
+    assert mixed_precision("no", "bf16") == ("no", "--precision no overrides accelerate launch's --mixed_precision bf16")
+    assert parse_config(["--synthetic"]).runtime.precision is None

@@ -260,6 +260,10 @@ def test_two_cpu_processes_train_evaluate_exactly_and_resume(tmp_path, digits_sh
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
     assert (out / "checkpoints" / "step-00000022").is_dir() and (out / "model.pt").exists()
+    from accelerate.utils import load  # the ranks' random streams: their own each (device-side augmentation)
+    streams = [load(out / "checkpoints" / "step-00000022" / f"random_states_{r}.pkl") for r in (0, 1)]
+    assert streams[0]["random_state"] != streams[1]["random_state"]
+    assert not torch.equal(streams[0]["torch_manual_seed"], streams[1]["torch_manual_seed"])
     tags = tensorboard_tags(out / "tensorboard")
     assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "val/top1",
             "val/top5"} <= set(tags["scalars"])
