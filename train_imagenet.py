@@ -60,7 +60,7 @@ from engine.recipe import (Learner, ScheduleClock, build_criterion, build_ema, b
                            build_scheduler, network_card, peak_lr)
 from engine.resume import Fit, resume_from
 from engine.rundir import claim_run_dir
-from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, make_accelerator, seed_each_rank,
+from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, bare, make_accelerator, seed_each_rank,
                             write_run_info)
 from engine.stops import StopRequest
 from engine.trainer import Trainer
@@ -98,7 +98,7 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     optimizer, clock = build_optimizer(cfg.optim, model, world), ScheduleClock()
     scheduler = build_scheduler(cfg.schedule, optimizer, steps, clock)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = build_ema(cfg.optim.ema_decay, accelerator.unwrap_model(model))
+    ema = build_ema(cfg.optim.ema_decay, bare(accelerator, model))
     seed_each_rank(cfg.run.seed, accelerator.process_index)  # the same weights everywhere; augmentation per rank
     criterion = build_criterion(cfg.optim.label_smoothing, mixes=cfg.augment.mixes)
     learner = Learner(model, optimizer, scheduler, ema, criterion, network_card(cfg.model, loader.num_classes), clock)

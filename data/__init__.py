@@ -5,7 +5,8 @@ loader (``data.pipeline``), the validation loader (``data.validation``) and deco
 from .errors import DataError
 
 _LAZY = {"TrainAugment": "transforms", "TrainLoader": "pipeline", "build_train_loader": "pipeline",
-         "ValLoader": "validation", "build_val_loader": "validation"}
+         "ValLoader": "validation", "build_val_loader": "validation", "ShardSet": "sources",
+         "resolve_shards": "sources"}
 __all__ = ["DataError", *_LAZY]
 
 

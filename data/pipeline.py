@@ -360,13 +360,14 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
                        augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
                        max_image_size: int | None = None, info: str | None = None,
                        shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None, local_ranks: int = 1) -> TrainLoader:
-    """Training loader over ``source`` (a shard folder, pattern or URL list; see data.sources), of
+    """Training loader over ``source`` (a shard folder, pattern or URL list, see data.sources; or the ShardSet
+    that resolve_shards made of one, so that many processes need not each read the manifest), of
     ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
     sizes the shared-memory batch buffers, of which the ``local_ranks`` training processes on this node make
     one set each). ``decode_on`` None: the workers decode; a device: the JPEGs of each batch are decoded there
     in one call (data/device_decode.py)."""
     check_rank(rank, world_size)
-    shards = resolve_shards(source, split, info)
+    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on,

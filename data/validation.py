@@ -89,6 +89,6 @@ def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers
     """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
     crop_pct), centre crop image_size; on ``decode_on`` as build_train_loader says."""
     check_rank(rank, world_size)
-    shards = resolve_shards(source, split, info)
+    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                      transform=val_transform(image_size, crop_pct, resize), decode_on=decode_on)

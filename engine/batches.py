@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from data import TrainAugment, build_train_loader, build_val_loader
+from data import TrainAugment, build_train_loader, build_val_loader, resolve_shards
 
 from . import console
 from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
-from .runtime import local_world_size
+from .runtime import from_main, local_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,7 +67,8 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
     timm_augment = TrainAugment(scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip,
                                 color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
                                 interpolation=augment.interpolation)
-    return build_train_loader(data.data_dir, split=data.train_split, batch_size=batch_size,
+    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.train_split))
+    return build_train_loader(shards, batch_size=batch_size,
                               num_workers=data.workers, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
                               max_image_size=resolution.largest(), augment=timm_augment,
@@ -79,7 +80,8 @@ def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int
     """This rank's share of the validation split (every image once over all ranks); None with --synthetic."""
     if data.synthetic:
         return None
-    return build_val_loader(data.data_dir, split=data.val_split, batch_size=batch_size, num_workers=data.workers,
+    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.val_split))
+    return build_val_loader(shards, batch_size=batch_size, num_workers=data.workers,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,
                             resize=evaluation.val_resize or None, decode_on=decode_on(data, accelerator))

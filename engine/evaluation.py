@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import console
 from .checkpoints import one_line
+from .runtime import bare
 
 
 def predict(net: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -28,7 +29,7 @@ def evaluate(model, loader, prep, accelerator, *, flip: bool = False) -> dict:
     Ranks may hold different numbers of batches, so nothing is exchanged per batch: the counts are summed
     locally and reduced once at the end (a per-batch collective would hang on uneven ranks).
     """
-    net = accelerator.unwrap_model(model)  # no DDP: its forward could sync buffers
+    net = bare(accelerator, model)  # no DDP: its forward could sync buffers
     sync_buffers(accelerator, net)
     was_training = net.training
     net.eval()
@@ -73,7 +74,7 @@ def check_replicas(accelerator, model) -> None:
 
     DDP keeps replicas identical by construction; this makes it visible, so a user can trust it.
     """
-    net = accelerator.unwrap_model(model)
+    net = bare(accelerator, model)
     tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
     local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(tensors)).reshape(1)
     console.every_rank(f"rank {accelerator.process_index} weights checksum {local.item():.12e}")
@@ -100,7 +101,7 @@ def export_model(accelerator, model, out: Path, card: dict, ema=None) -> None:
     def plain(net: nn.Module) -> dict:
         return {k: v.detach().cpu() for k, v in plain_keys(net.state_dict()).items()}
 
-    files = {"model.pt": lambda tmp: torch.save(plain(accelerator.unwrap_model(model)), tmp),
+    files = {"model.pt": lambda tmp: torch.save(plain(bare(accelerator, model)), tmp),
              "model.json": lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n")}
     if ema is not None:
         files["model_ema.pt"] = lambda tmp: torch.save(plain(ema.module), tmp)

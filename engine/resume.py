@@ -24,15 +24,15 @@ import torch
 import yaml
 
 from . import console
-from .checkpoints import (CONFIG_FILE, RNG_FILE, Progress, checkpoint_dirs, one_line, read_progress,
+from .checkpoints import (CONFIG_FILE, RNG_FILE, Progress, attempt, checkpoint_dirs, one_line, read_progress,
                           verify_checksums)
-from .runtime import any_rank
+from .runtime import any_rank, bare
 
 # A checkpoint written with other values of these cannot be continued: other tensors, or another optimizer
 STRUCTURE = ("arch", "num_classes", "cifar_stem", "blurpool", "opt")
 # Not part of what a run computes
-NOT_COMPARED = {"resume", "overwrite", "output_dir", "evaluate", "progress", "log_every", "max_steps", "checkpoint_every",
-                "keep_checkpoints", "dist_timeout"}
+NOT_COMPARED = {"resume", "overwrite", "output_dir", "evaluate", "progress", "log_every", "max_steps",
+                "checkpoint_every", "keep_checkpoints", "dist_timeout"}
 # load_state's words for tensors of another shape or name, or optimizer groups of another size
 MISFIT_WORDS = ("Error(s) in loading state_dict", "size mismatch", "doesn't match the size of optimizer",
                 "different number of parameter groups")
@@ -142,8 +142,10 @@ def set_aside(ckpt: Path) -> None:
 
 def try_load(accelerator, ckpt: Path, learner, fit: Fit) -> tuple[Progress | None, str | None, bool]:
     """(progress, None, False) when loaded; else (None, the error in one line, whether it is a misfit)."""
+    damaged = verified(accelerator, ckpt)
+    if damaged:
+        return None, damaged, False
     try:
-        verify_checksums(ckpt)
         progress = read_progress(ckpt)
         check_rng_state(accelerator, ckpt)
     except Exception as e:  # noqa: BLE001 -- any failure here means a damaged checkpoint; it is reported
@@ -160,6 +162,17 @@ def try_load(accelerator, ckpt: Path, learner, fit: Fit) -> tuple[Progress | Non
         return None, (f"checkpoint {ckpt} does not fit this run's network or optimizer ({line[:300]}); nothing "
                       "was changed" if misfit else line), misfit
     return progress, None, False
+
+
+def verified(accelerator, ckpt: Path) -> str | None:
+    """Why ``ckpt`` fails its checksums, or None, agreed by every rank. The main process alone hashes every file
+    (every rank's RNG file included): hashing is the dear part of a resume (a ResNet-50 checkpoint is some
+    300 MB), and every rank hashing every rank's files would read the checkpoint N times over and N^2 RNG
+    files at N ranks."""
+    error = attempt(verify_checksums, ckpt) if accelerator.is_main_process else None
+    if any_rank(accelerator, error is not None)[0]:
+        return error or "its files do not match their checksums (found by the main process)"
+    return None
 
 
 def check_rng_state(accelerator, ckpt: Path) -> None:
@@ -183,7 +196,7 @@ def load_ema(accelerator, ckpt: Path, learner) -> None:
     if learner.ema is None:
         return
     if not (ckpt / "ema.pt").exists():
-        learner.ema.set(accelerator.unwrap_model(learner.model))
+        learner.ema.set(bare(accelerator, learner.model))
         console.say(f"{ckpt.name} holds no EMA (written without --ema-decay): the EMA starts from its weights")
         return
     learner.ema.module.load_state_dict(torch.load(ckpt / "ema.pt", map_location=accelerator.device,

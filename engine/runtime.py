@@ -96,6 +96,14 @@ def seed_each_rank(seed: int, rank: int) -> None:
     set_seed(seed + rank)
 
 
+def bare(accelerator, model):
+    """The network itself, out of its DDP and torch.compile wrappers, with those wrappers left as they are.
+    Accelerate's unwrap_model by default (keep_torch_compile=True) re-points the compiled module at the network
+    it unwrapped: the training model then loses DDP's no_sync, so accumulate() all-reduced every micro-batch,
+    and what it returns is the compiled wrapper, whose keys (`_orig_mod.*`) an EMA and its files then carry."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def allow_a_graph_per_size(sizes: int) -> None:
     """With --compile, each training size gets its own graph: inductor's convolution backward fixes the spatial
     sizes, so dynamic shapes cannot share one (torch 2.14, seen with TORCH_LOGS=+dynamic). Past dynamo's
@@ -104,6 +112,35 @@ def allow_a_graph_per_size(sizes: int) -> None:
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, sizes + 4)
+
+
+def from_main(accelerator, read):
+    """What ``read()`` returns on the main process, on every rank: reading files once for all. At 1,024 ranks,
+    each reading the shard manifest and stat-ing every shard would be a million file-system operations on
+    one shared file system at start-up (docs/benchmarks.md, "Start-up"). Its DataError (a missing shard,
+    a bad manifest) becomes one error line for all; any other failure keeps its traceback on the main process
+    while the others end quietly, rather than wait at the broadcast for --dist-timeout."""
+    if accelerator.num_processes == 1:
+        return read()
+    from accelerate.utils import broadcast_object_list
+
+    from data import DataError
+
+    box, crash = [None], None
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", read())]
+        except DataError as e:
+            box = [("error", str(e))]
+        except Exception as e:  # noqa: BLE001 -- re-raised below, once the other ranks know to stop
+            box, crash = [("error", "")], e
+    broadcast_object_list(box)
+    kind, value = box[0]
+    if crash is not None:
+        raise crash
+    if kind == "error":
+        console.fatal(value, main_only=True)
+    return value
 
 
 def any_rank(accelerator, *flags: bool) -> list[bool]:

@@ -16,6 +16,7 @@ from .evaluation import check_count, check_replicas, evaluate, export_model, syn
 from .faults import FAULTS
 from .monitor import Monitor, StepMeter, progress_bar
 from .recipe import Learner, peak_lr, set_schedule
+from .runtime import bare
 from .stops import EXIT_REQUEUE, NonFiniteGuard, StopReason, StopRequest, agree_to_stop, unsafe_to_save
 
 
@@ -142,7 +143,7 @@ class Trainer:
         p.global_step += 1
         if learner.ema is not None:
             # no step: timm's EMA warmup is off (use_warmup=False), so the decay is --ema-decay from the first step
-            learner.ema.update(a.unwrap_model(learner.model))
+            learner.ema.update(bare(a, learner.model))
         if p.global_step % self.run.log_every == 0:
             self.log_interval(meter)
         epoch_end = p.batch_in_epoch == self.epoch_batches  # end_epoch() saves after evaluating
@@ -207,14 +208,14 @@ class Trainer:
     def save(self) -> StopReason | None:
         """A checkpoint, unless the loss or the weights went non-finite: then NONFINITE, and nothing is written."""
         a, learner = self.accelerator, self.learner
-        if unsafe_to_save(a, self.guard, a.unwrap_model(learner.model)):
+        if unsafe_to_save(a, self.guard, bare(a, learner.model)):
             return StopReason.NONFINITE
         root = self.out / "checkpoints"
         try:
             save_checkpoint(a, root, self.progress, learner.ema, self.run.keep_checkpoints, self.config)
             self.saved_step = self.progress.global_step
         except CheckpointError as e:
-            states = [a.unwrap_model(learner.model).state_dict(), learner.optimizer.state_dict()]
+            states = [bare(a, learner.model).state_dict(), learner.optimizer.state_dict()]
             states += [learner.ema.module.state_dict()] if learner.ema is not None else []
             console.fatal(failure_message(root, self.progress.global_step, str(e), state_bytes(*states)),
                           main_only=True)
@@ -228,7 +229,7 @@ class Trainer:
             reason = self.save() or reason
         if reason is StopReason.NONFINITE:
             newest = checkpoint_dirs(self.out / "checkpoints")
-            console.fatal(self.guard.message(p.global_step, a.unwrap_model(model), newest[-1] if newest else None),
+            console.fatal(self.guard.message(p.global_step, bare(a, model), newest[-1] if newest else None),
                           main_only=True)
         if reason is StopReason.SIGNAL:
             console.say(f"stopped by signal at step {p.global_step}; checkpoint written; resume with --resume auto")
@@ -239,7 +240,7 @@ class Trainer:
             final = p.last_eval if p.last_eval_step == p.global_step else self.evaluate()
             console.say(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
                         f"step={p.global_step}")
-        sync_buffers(a, a.unwrap_model(model))
+        sync_buffers(a, bare(a, model))
         check_replicas(a, model)
         export_model(a, model, self.out, self.learner.card, self.learner.ema)
         self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})

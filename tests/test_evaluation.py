@@ -56,7 +56,7 @@ class OneProcess:
 
     device, num_processes = torch.device("cpu"), 1
 
-    def unwrap_model(self, model):
+    def unwrap_model(self, model, **_):
         return model
 
     def autocast(self):
@@ -127,7 +127,7 @@ def test_the_export_writes_model_and_ema_alike_beside_and_renamed_with_plain_key
     net = build_model("resnet18", num_classes=10)
     compiled_like = torch.nn.Module()
     compiled_like._orig_mod = net  # what torch.compile's wrapper names its module
-    accelerator = SimpleNamespace(is_main_process=True, unwrap_model=lambda m: m)
+    accelerator = SimpleNamespace(is_main_process=True, unwrap_model=lambda m, **kw: m)
     export_model(accelerator, net, tmp_path, network_card(parse_config(["--synthetic", "--arch", "resnet18"]).model,
                                                           10), ema=ModelEmaV3(compiled_like, decay=0.9))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt", "model_ema.pt"]

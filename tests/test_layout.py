@@ -98,3 +98,8 @@ def test_the_checkpoint_directory_name_is_made_in_one_place():
 def test_speed_figures_live_in_docs_benchmarks_not_in_the_code():
     figure = r"\d(\.\d+)? ?(ms|us|µs)\b|\d ?([x×]|%) (faster|slower|cheaper)"
     assert mentions(figure, SOURCES) == [], "put the figure in docs/benchmarks.md and point there"
+
+
+def test_the_network_is_taken_out_of_its_wrappers_in_one_place():
+    # accelerate's unwrap_model re-points a compiled module by default (engine/runtime.py, bare)
+    assert mentions(r"unwrap_model\(", SOURCES) == ["engine/runtime.py"]

@@ -59,3 +59,36 @@ def test_precision_follows_accelerate_launch_unless_given_and_says_when_it_overr
     assert mixed_precision("bf16", "bf16") == ("bf16", None)
     assert mixed_precision("no", "bf16") == ("no", "--precision no overrides accelerate launch's --mixed_precision bf16")
     assert parse_config(["--synthetic"]).runtime.precision is None
+
+
+def test_the_bare_network_comes_out_of_ddp_and_compile_leaving_the_wrappers_as_they_are():
+    """Accelerate's unwrap_model (keep_torch_compile=True) re-pointed the compiled module at the bare network, so
+    the training model lost DDP's no_sync (accumulate() then all-reduced every micro-batch, seen on 2 ranks) and
+    the EMA built from it carried `_orig_mod.` keys that neither torchvision nor a run without --compile loads."""
+    import socket
+
+    import torch.distributed as dist
+    import torchvision
+    from accelerate.utils import extract_model_from_parallel
+    from timm.utils import ModelEmaV3
+
+    from engine.runtime import bare
+    from resnet import build_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        net = build_model("resnet18", num_classes=10)
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        compiled = torch.compile(ddp)  # as Accelerate prepares --compile: DDP, then compile; nothing compiles yet
+        accelerator = SimpleNamespace(unwrap_model=lambda m, **kw: extract_model_from_parallel(m, **kw))
+        assert bare(accelerator, compiled) is net
+        assert compiled._orig_mod is ddp and hasattr(compiled, "no_sync"), "the training model keeps DDP"
+        ema = ModelEmaV3(bare(accelerator, compiled), decay=0.9)
+        torchvision.models.resnet18(num_classes=10).load_state_dict(ema.module.state_dict())
+        extract_model_from_parallel(compiled)  # Accelerate's default, for the record: it re-points the wrapper
+        assert compiled._orig_mod is net and not hasattr(compiled, "no_sync")
+    finally:
+        dist.destroy_process_group()
