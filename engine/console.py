@@ -1,7 +1,8 @@
 """Every line the trainer writes to the console goes out here, and only here.
 
 - ``say``: the main process's lines (progress, results, warnings), on stdout;
-- ``every_rank``: one line from each process (its rank and device, its weights' checksum);
+- ``every_rank``: one line from each process, for what only that process knows (rarely: at 1,024 ranks it is
+  1,024 lines; the run's summaries gather first and say it once);
 - ``fatal``: an ``error: ...`` line on stderr and exit status 1; the run's one way to give up;
 - the ``data`` package logs (a library should not print): ``bind`` routes its warnings here too, as
   ``warning: ...`` lines on stderr, from whichever process (loader workers included) logged them.
@@ -42,6 +43,21 @@ def warn(text: str) -> None:
 
 def every_rank(text: str) -> None:
     _write(text, sys.stdout)
+
+
+def spans(numbers) -> str:
+    """Ranks as a reader takes them in: "0-7, 9, 12-15"."""
+    out, run = [], []
+    for n in sorted(numbers):
+        if run and n == run[-1] + 1:
+            run.append(n)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [n]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
 
 
 def fatal(text: str, *, main_only: bool = False) -> NoReturn:

@@ -69,21 +69,25 @@ def sync_buffers(accelerator, module: nn.Module) -> None:
             torch.distributed.broadcast(buf.data, src=0)
 
 
-def check_replicas(accelerator, model) -> None:
-    """Every rank prints a fingerprint of its weights; the main process says whether they all agree.
+def check_replicas(accelerator, model, out: Path) -> None:
+    """A fingerprint of every rank's weights, gathered: the main process says in one line whether they agree
+    (and which ranks differ), and writes each rank's to replicas.json.
 
     DDP keeps replicas identical by construction; this makes it visible, so a user can trust it.
     """
     net = bare(accelerator, model)
     tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
     local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(tensors)).reshape(1)
-    console.every_rank(f"rank {accelerator.process_index} weights checksum {local.item():.12e}")
-    every = accelerator.gather(local.to(accelerator.device)).cpu()
-    if accelerator.num_processes > 1:
-        if bool((every == every[0]).all()):
-            console.say("weights identical on all ranks")
-        else:
-            console.warn(f"weights differ between ranks: {every.tolist()}")
+    every = accelerator.gather(local.to(accelerator.device)).cpu().tolist()
+    if not accelerator.is_main_process:
+        return
+    (out / "replicas.json").write_text(json.dumps({"weights_checksum_by_rank": every}, indent=1) + "\n")
+    differ = [r for r, c in enumerate(every) if c != every[0]]
+    if not differ:
+        console.say(f"weights identical on all {len(every)} rank(s) (checksum {every[0]:.12e})")
+    else:
+        console.warn(f"weights differ between ranks: rank(s) {console.spans(differ)} differ from rank 0 "
+                     f"(checksums by rank in {out / 'replicas.json'})")
 
 
 def plain_keys(state: dict) -> dict:

@@ -107,6 +107,7 @@ def resume_from(accelerator, where: str, out: Path, learner, fit: Fit) -> Progre
         if not failed:
             console.say(f"resumed from {ckpt} at step {progress.global_step} "
                         f"(epoch {progress.epoch}, batch {progress.batch_in_epoch})")
+            say_missing_rng_states(accelerator, ckpt)
             changed = fit.differences(ckpt)
             if changed:
                 console.warn(f"this run's settings differ from those {ckpt.name} was written with: {changed}; "
@@ -181,14 +182,18 @@ def check_rng_state(accelerator, ckpt: Path) -> None:
     from accelerate.utils import load  # torch.load with weights_only=True and numpy's arrays allowed
 
     rng_file = ckpt / RNG_FILE.format(accelerator.process_index)
-    if rng_file.exists():
+    if rng_file.exists():  # else, the checksums having passed, never written: a run on more processes (said once)
         rng = load(rng_file)
         if not isinstance(rng, dict) or "torch_manual_seed" not in rng:
             raise ValueError("random states file holds no torch_manual_seed")
-    else:  # the checksums passed, so it was never written: a run with more processes than the checkpoint's
-        console.every_rank(f"warning: {ckpt} holds no RNG state for rank {accelerator.process_index} (written "
-                           "by fewer processes); this rank starts from a fresh one, so the run continues but "
-                           "not bit-exactly")
+
+
+def say_missing_rng_states(accelerator, ckpt: Path) -> None:
+    """One line for the ranks a checkpoint written by fewer processes holds no RNG state for."""
+    missing = [r for r in range(accelerator.num_processes) if not (ckpt / RNG_FILE.format(r)).exists()]
+    if missing and accelerator.is_main_process:
+        console.warn(f"{ckpt} holds no RNG state for rank(s) {console.spans(missing)} (written by fewer "
+                     "processes): they start from fresh ones, so the run continues but not bit-exactly")
 
 
 def load_ema(accelerator, ckpt: Path, learner) -> None:

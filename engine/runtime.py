@@ -77,11 +77,30 @@ def make_accelerator(runtime: RuntimeConfig, *, grad_accum: int, seed: int):
         torch.backends.cudnn.benchmark = not runtime.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-    console.every_rank(f"rank {accelerator.process_index}/{accelerator.num_processes} "
-                       f"local_rank {accelerator.local_process_index} host {socket.gethostname()} "
-                       f"device {accelerator.device} backend {backend}")
+    say_who_runs(accelerator)
     return accelerator
+
+
+RANKS: list[dict] = []  # every process's rank, local rank, host and device, gathered at start-up: run_info.json
+
+
+def say_who_runs(accelerator) -> None:
+    """One line for the whole run (processes, hosts, devices, backend), where every rank used to print its own:
+    a thousand lines at 1,024 ranks. Each rank's line is in run_info.json ("ranks")."""
+    from accelerate.utils import gather_object
+
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    me = {"rank": accelerator.process_index, "local_rank": accelerator.local_process_index,
+          "host": socket.gethostname(), "device": str(accelerator.device)}
+    RANKS[:] = gather_object([me]) if accelerator.num_processes > 1 else [me]
+    by_host: dict[str, list[int]] = {}
+    for r in RANKS:
+        by_host.setdefault(r["host"], []).append(r["rank"])
+    hosts = (f"{len(by_host)} hosts, {len(RANKS) // len(by_host)} processes each"
+             if len(by_host) > 4 and len({len(v) for v in by_host.values()}) == 1
+             else ", ".join(f"{h}: rank {console.spans(v)}" for h, v in by_host.items()))
+    devices = sorted({r["device"].split(":")[0] for r in RANKS})
+    console.say(f"{len(RANKS)} process(es) ({hosts}), device {'/'.join(devices)}, backend {backend}")
 
 
 def seed_each_rank(seed: int, rank: int) -> None:
@@ -175,7 +194,7 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
     info = {
         "argv": sys.argv, "git_revision": git_revision(), "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-        "host": socket.gethostname(), "python": platform.python_version(),
+        "host": socket.gethostname(), "ranks": RANKS, "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

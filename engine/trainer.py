@@ -241,7 +241,7 @@ class Trainer:
             console.say(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
                         f"step={p.global_step}")
         sync_buffers(a, bare(a, model))
-        check_replicas(a, model)
+        check_replicas(a, model, self.out)
         export_model(a, model, self.out, self.learner.card, self.learner.ema)
         self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})
         console.say(f"model written to {self.out / 'model.pt'}; view curves with: tensorboard --logdir {self.out}")
