@@ -91,7 +91,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     steps = steps_per_epoch(loader, grad_accum=cfg.optim.grad_accum, world_size=world)
     prep = DeviceBatch(cfg.augment, accelerator.device, loader.num_classes, channels_last=cfg.model.channels_last,
                        label_smoothing=cfg.optim.label_smoothing)
-    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size, accelerator=accelerator)
+    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size,
+                          interpolation=cfg.augment.interpolation, accelerator=accelerator)
     batches = Batches(loader, val, prep, steps, resolution)
     # what is trained and how, wrapped by Accelerate (DDP, autocast, loss scaling)
     model = build_network(cfg.model, loader.num_classes, world)
@@ -123,7 +124,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
 
 def evaluate_only(cfg: Config, accelerator) -> int:
     """--evaluate: a model.pt or a checkpoint directory, on the validation split (no training loader)."""
-    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size, accelerator=accelerator)
+    val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size,
+                          interpolation=cfg.augment.interpolation, accelerator=accelerator)
     model = build_network(cfg.model, val.num_classes, accelerator.num_processes).to(accelerator.device)
     load_weights(cfg.run.evaluate, model, accelerator.device)
     prep = DeviceBatch(cfg.augment, accelerator.device, val.num_classes, channels_last=cfg.model.channels_last,

@@ -174,14 +174,15 @@ def train_transform(image_size: int, augment: TrainAugment):
     return tf
 
 
-def val_transform(image_size: int, crop_pct: float, resize: int | None = None):
-    """Image bytes -> resize the shorter side to ``resize`` (default image_size / crop_pct), centre-crop
-    image_size (timm's eval transform)."""
+def val_transform(image_size: int, crop_pct: float, resize: int | None = None, interpolation: str = "bilinear"):
+    """Image bytes -> resize the shorter side to ``resize`` (default image_size / crop_pct) with the training's
+    ``interpolation`` ('random', which trains with bilinear and bicubic by turns, evaluates bilinear), centre-crop
+    image_size (timm's eval transform, which follows its interpolation argument too)."""
     if resize:
         # timm takes the resize as floor(image_size / crop_pct); aiming half a pixel above lands on it exactly
         crop_pct = image_size / (resize + 0.5)
-    tf = create_transform(input_size=image_size, is_training=False, use_prefetcher=True,
-                          crop_pct=crop_pct, interpolation="bilinear")
+    tf = create_transform(input_size=image_size, is_training=False, use_prefetcher=True, crop_pct=crop_pct,
+                          interpolation="bilinear" if interpolation == "random" else interpolation)
     tf.transforms.insert(0, DecodeForResize(math.floor(image_size / crop_pct)))
     return tf
 
@@ -251,6 +252,8 @@ class PlanResize:
         self.transform = transform
         resize = next(t for t in transform.transforms if isinstance(t, Resize))
         self.resize, self.interpolation = resize.size, resize.interpolation
+        if self.interpolation not in _TORCH_RESIZE:
+            raise ValueError(f"decode='device' resizes bilinear or bicubic, not {self.interpolation}")
         self.size = next(t for t in transform.transforms if isinstance(t, CenterCrop)).size[0]
 
     def __call__(self, data: bytes):

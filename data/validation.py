@@ -85,10 +85,11 @@ class ValLoader(SampleAccounting):
 
 def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
                      world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
-                     resize: int | None = None, info: str | None = None, decode_on=None) -> ValLoader:
+                     resize: int | None = None, info: str | None = None, decode_on=None,
+                     interpolation: str = "bilinear") -> ValLoader:
     """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
-    crop_pct), centre crop image_size; on ``decode_on`` as build_train_loader says."""
+    crop_pct) with ``interpolation``, centre crop image_size; on ``decode_on`` as build_train_loader says."""
     check_rank(rank, world_size)
     shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                     transform=val_transform(image_size, crop_pct, resize), decode_on=decode_on)
+                     transform=val_transform(image_size, crop_pct, resize, interpolation), decode_on=decode_on)

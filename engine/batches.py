@@ -76,15 +76,17 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
                               local_ranks=local_world_size())
 
 
-def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, accelerator):
-    """This rank's share of the validation split (every image once over all ranks); None with --synthetic."""
+def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, interpolation: str, accelerator):
+    """This rank's share of the validation split (every image once over all ranks), resized with the training's
+    --interpolation as timm's evaluation is; None with --synthetic."""
     if data.synthetic:
         return None
     shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.val_split))
     return build_val_loader(shards, batch_size=batch_size, num_workers=data.workers,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,
-                            resize=evaluation.val_resize or None, decode_on=decode_on(data, accelerator))
+                            resize=evaluation.val_resize or None, decode_on=decode_on(data, accelerator),
+                            interpolation=interpolation)
 
 
 def decode_on(data: DataConfig, accelerator):

@@ -130,7 +130,9 @@ class AugmentConfig:
     hflip: float = option(0.5, "probability of a horizontal flip")
     color_jitter: float = option(0.0, "timm colour-jitter strength; 0 disables")
     auto_augment: str | None = option(None, "timm policy, e.g. rand-m9-mstd0.5-inc1 or original")
-    interpolation: str = option("bilinear", "resize interpolation of the training crop (timm's names)")
+    interpolation: str = option("bilinear", "resize interpolation of the training crop and of evaluation's resize "
+                                            "(timm's names; random: bilinear or bicubic by turns in training, "
+                                            "bilinear in evaluation)")
     re_prob: float = option(0.0, "random erasing probability (on the device)", low=0.0)
     mixup: float = option(0.0, "Mixup alpha; 0 disables", low=0.0)
     cutmix: float = option(0.0, "CutMix alpha; 0 disables", low=0.0)

@@ -345,3 +345,18 @@ def test_loader_workers_leave_stop_signals_to_their_process_and_still_end_with_i
                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "batches after the signals: 15" in proc.stdout and "killed by signal" not in proc.stderr
+
+
+@pytest.mark.parametrize("interpolation, expected", [("bicubic", "BICUBIC"), ("bilinear", "BILINEAR"),
+                                                     ("random", "BILINEAR")])
+def test_evaluation_resizes_with_the_training_interpolation_as_timm_does(interpolation, expected):
+    """It resized bilinear whatever --interpolation said."""
+    import torchvision.transforms.v2.functional as F2
+    from torchvision.transforms import InterpolationMode
+
+    photo = Image.radial_gradient("L").resize((400, 300)).convert("RGB")
+    tf = val_transform(64, 0.875, 73, interpolation)
+    mode = getattr(InterpolationMode, expected)
+    assert tf.transforms[1].interpolation == mode
+    reference = F2.pil_to_tensor(F2.center_crop(F2.resize(photo, [73], interpolation=mode, antialias=True), [64]))
+    assert torch.equal(tf(_encoded(photo, "PNG")), reference)

@@ -397,3 +397,17 @@ def test_decode_device_on_the_cpu_trains_the_same_weights_as_decode_cpu(tmp_path
     assert outs["cpu", "top1"] == outs["device", "top1"]
     a, b = (torch.load(outs[m] / "model.pt", weights_only=True) for m in ("cpu", "device"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compile_with_ema_and_grad_accum_on_two_processes_keeps_ddp_and_plain_ema_weights(tmp_path, digits_shards):
+    """--compile, --ema-decay and --grad-accum together on 2 gloo processes, a few steps: the replicas stay
+    identical, and the EMA's weights (in the checkpoint and exported) carry the network's own names, so a run
+    without --compile and torchvision-style loading take them (they were `_orig_mod.*`)."""
+    out = tmp_path / "run"
+    text = run(accelerate_launch(2, "--data-dir", digits_shards, *TINY, "--batch-size", "16", "--workers", "0",
+                                 "--epochs", "1", "--max-steps", "4", "--log-every", "2", "--compile",
+                                 "--ema-decay", "0.9", "--grad-accum", "2", "--output-dir", out), timeout=420).stdout
+    assert re.search(r"^weights identical on all 2 rank\(s\)", text, re.M), text
+    for weights in (out / "model_ema.pt", out / "checkpoints" / "step-00000004" / "ema.pt", out / "model.pt"):
+        build_model("resnet20", num_classes=10).load_state_dict(torch.load(weights, weights_only=True))
