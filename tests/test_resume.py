@@ -11,8 +11,6 @@ import pytest
 from conftest import run
 from engine import checkpoints as C
 
-pytestmark = pytest.mark.slow
-
 SYNTHETIC = ["--synthetic", "--image-size", "32", "--batch-size", "4", "--synthetic-steps", "3", "--epochs", "2",
              "--no-progress", "--log-every", "1", "--checkpoint-every", "2"]
 
@@ -56,6 +54,7 @@ def unseal(ckpt, name: str) -> None:
     (ckpt / C.CHECKSUM_FILE).write_text(json.dumps(sums))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_network_or_optimizer_is_refused_and_the_right_flags_continue_it(tmp_path):
     """Also for a checkpoint from before checkpoints held their configuration: there the misfit shows when the
     weights do not load, and is told apart from damage in the same way."""
@@ -88,3 +87,23 @@ def test_a_checkpoint_of_another_network_or_optimizer_is_refused_and_the_right_f
     assert ("warning: this run's settings differ from those step-00000004 was written with: --ema-decay 0.0 -> 0.9, "
             "--lr 0.1 -> 0.2; the run goes on with this run's") in text
     assert (out / "model_ema.pt").exists() and "model written to" in text
+
+
+def test_only_the_main_process_hashes_a_checkpoint_and_every_rank_gets_its_verdict(tmp_path, monkeypatch):
+    """Every rank hashed every file (the checkpoint read N times over, N^2 RNG files at N ranks)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine import resume
+
+    hashed = []
+
+    def verify(ckpt):
+        hashed.append(ckpt)
+        raise ValueError("model.safetensors is missing or not the file that was written (checksum mismatch)")
+
+    monkeypatch.setattr(resume, "verify_checksums", verify)
+    rank = {r: SimpleNamespace(is_main_process=r == 0, num_processes=1, device=torch.device("cpu")) for r in (0, 1)}
+    assert resume.verified(rank[1], tmp_path) is None and hashed == [], "rank 1 reads nothing (its verdict: rank 0's)"
+    assert "checksum mismatch" in resume.verified(rank[0], tmp_path) and hashed == [tmp_path]

@@ -255,6 +255,7 @@ def test_two_cpu_processes_train_evaluate_exactly_and_resume(tmp_path, digits_sh
     # one line for the run where each rank printed its own (a thousand at 1,024 ranks); the detail in the run dir
     host = socket.gethostname()
     assert f"2 process(es) ({host}: rank 0-1), device cpu, backend gloo" in first and "rank 1/2" not in first
+    assert "global batch 64, peak LR 0.1 (--lr 0.4 per 256 images, linear)" in first
     assert re.search(r"^weights identical on all 2 rank\(s\) \(checksum \S+\)$", first, re.M), first
     sums = json.loads((out / "replicas.json").read_text())["weights_checksum_by_rank"]
     assert len(sums) == 2 and sums[0] == sums[1]
