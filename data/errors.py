@@ -12,3 +12,8 @@ class DataError(Exception):
 
 class OutputExists(DataError):
     """The output folder already holds shards, and the caller did not ask to overwrite them."""
+
+
+class DataOutage(DataError):
+    """A remote shard could not be read after every retry (data/remote.py): the store is down, not the data
+    bad. The trainer checkpoints and exits with the requeue code, so the run continues once the store is back."""

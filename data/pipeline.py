@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .batch_buffers import BatchBuffers, BufferedBatch, nchw
 from .device_decode import DeviceDecoder, EncodedBatch, decode_ahead
 from .errors import DataError
+from .remote import ShardReads
 from .positions import Layout, Segment, next_segment, owned, pack, shard_order, unpack
 from .shard_reader import in_order, read_positions
 from .shards import IMAGE_KEY, LABEL_KEY, describe
@@ -186,6 +187,13 @@ class SampleAccounting:
     _counter: BadSampleCounter
     _decoder: DeviceDecoder | None
     _loader: DataLoader
+    _reads: ShardReads
+
+    @property
+    def shard_retries(self) -> int:
+        """Remote shard reads retried so far (data/remote.py), over all workers of every loader sharing the
+        ShardReads."""
+        return self._reads.retries
 
     @property
     def bad_samples(self) -> int:
@@ -202,8 +210,8 @@ class SampleAccounting:
         one line."""
         try:
             yield from decode_ahead(self._loader, self._decoder) if self._decoder else self._loader
-        except DataError as e:
-            raise DataError(main_line(e)) from None
+        except DataError as e:  # DataOutage stays one, for the trainer to requeue on
+            raise type(e)(main_line(e)) from None
 
 
 # ---------------------------------------------------------------- training
@@ -216,7 +224,7 @@ class _TrainStream(IterableDataset):
         self.rank, self.seed, self.layout = loader.rank, loader.seed, loader.layout
         self.batch_size, self.shuffle_buffer = loader.batch_size, loader.shuffle_buffer
         self.state, self.done_bits, self.counter = loader._state, loader._done_bits, loader._counter
-        self.buffers = loader._buffers
+        self.buffers, self.reads = loader._buffers, loader._reads
 
     def __iter__(self):
         # Read (epoch, start_batch, image size, segment) when the iterator is made, which a DataLoader does in
@@ -269,7 +277,7 @@ class _TrainStream(IterableDataset):
         """
         needed = np.sort(np.asarray(order, dtype=np.int64))
         shards = shard_order(self.seed, epoch, len(self.shards.urls))
-        found = read_positions(self.shards.urls, self.shards.lengths, shards, run[needed])
+        found = read_positions(self.shards.urls, self.shards.lengths, shards, run[needed], self.reads)
         return in_order(order, ((int(needed[k]), sample) for k, sample in found))
 
 
@@ -279,8 +287,9 @@ class TrainLoader(SampleAccounting):
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
                  seed: int, augment: TrainAugment, image_size: int, max_bad_fraction: float,
                  max_image_size: int | None = None, shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None,
-                 local_ranks: int = 1):
+                 local_ranks: int = 1, reads: ShardReads | None = None):
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
+        self._reads = reads or ShardReads()
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer, self.decode = shuffle_buffer, "cpu" if decode_on is None else "device"
         self.layout = Layout(world_size, max(1, num_workers), batch_size, shuffle_buffer)
@@ -359,19 +368,21 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
                        world_size: int = 1, seed: int = 0, image_size: int = 224,
                        augment: TrainAugment = TrainAugment(), max_bad_fraction: float = 0.001,
                        max_image_size: int | None = None, info: str | None = None,
-                       shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None, local_ranks: int = 1) -> TrainLoader:
+                       shuffle_buffer: int = SHUFFLE_BUFFER, decode_on=None, local_ranks: int = 1,
+                       reads: ShardReads | None = None) -> TrainLoader:
     """Training loader over ``source`` (a shard folder, pattern or URL list, see data.sources; or the ShardSet
     that resolve_shards made of one, so that many processes need not each read the manifest), of
     ``image_size`` px images until ``set_epoch`` sets another size (up to ``max_image_size``, which
     sizes the shared-memory batch buffers, of which the ``local_ranks`` training processes on this node make
     one set each). ``decode_on`` None: the workers decode; a device: the JPEGs of each batch are decoded there
-    in one call (data/device_decode.py)."""
+    in one call (data/device_decode.py). ``reads``: how remote shards are read and their retries counted
+    (data/remote.py; default: the default RetryPolicy)."""
     check_rank(rank, world_size)
     shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on,
-                       local_ranks=local_ranks)
+                       local_ranks=local_ranks, reads=reads)
 
 
 def check_rank(rank: int, world_size: int) -> None:

@@ -3,7 +3,8 @@ the others sought over rather than read.
 
 Seeking is what makes a reader's start anywhere in a shard cost about what a start at its beginning does: a
 slot whose run begins mid-shard, or a resume late in an epoch, reads the tar headers of the samples it
-passes (512 bytes each) and not their images. Streams that cannot seek (``pipe:``, HTTP) read past them.
+passes (512 bytes each) and not their images. Remote shards (data/remote.py) seek too: a short gap is read
+and dropped, a long one skipped with a new ranged request. ``pipe:`` streams read past them.
 """
 
 from __future__ import annotations
@@ -12,20 +13,32 @@ import tarfile
 from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from .errors import DataError
+from .remote import ShardReads, redact
 from .tarstream import tar_members
 
+_default_reads = None
 
-def read_shard(url: str):
-    """The samples of one tar shard, as dicts of undecoded bytes plus ``__key__`` and ``__url__``."""
+
+def default_reads() -> ShardReads:
+    """The ShardReads of callers that pass none: the default retry policy, retries counted nowhere in particular."""
+    global _default_reads
+    if _default_reads is None:
+        _default_reads = ShardReads()
+    return _default_reads
+
+
+def read_shard(url: str, reads: ShardReads | None = None):
+    """The samples of one tar shard, as dicts of undecoded bytes plus ``__key__`` and ``__url__`` (credentials
+    hidden)."""
+    name = redact(url)
     try:
-        with wds.gopen(url, "rb") as stream:
-            yield from group_by_keys(tar_members(stream, url))
+        with (reads or default_reads()).open(url) as stream:
+            yield from group_by_keys(tar_members(stream, name))
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
-        raise DataError(f"cannot read shard {url}: {e}") from None
+        raise DataError(f"cannot read shard {name}: {e}") from None
 
 
 class _SampleCounter:
@@ -44,26 +57,26 @@ class _SampleCounter:
         return self.index in self.chosen
 
 
-def read_samples(url: str, indices: list[int], expected: int):
+def read_samples(url: str, indices: list[int], expected: int, reads: ShardReads | None = None):
     """(index, sample) for the samples numbered ``indices`` (sorted, within the shard's ``expected`` count),
     in order; the others' data is never read, and reading stops after the last one."""
     if not indices:
         return
-    chosen, last = set(indices), indices[-1]
+    chosen, last, name = set(indices), indices[-1], redact(url)
     try:
-        with wds.gopen(url, "rb") as stream:
-            for i, sample in enumerate(group_by_keys(tar_members(stream, url, _SampleCounter(chosen)))):
+        with (reads or default_reads()).open(url) as stream:
+            for i, sample in enumerate(group_by_keys(tar_members(stream, name, _SampleCounter(chosen)))):
                 if i in chosen:
                     yield i, sample
                 if i >= last:
                     return
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
-        raise DataError(f"cannot read shard {url}: {e}") from None
-    raise DataError(f"shard {url} holds fewer samples than the {expected} its manifest lists")
+        raise DataError(f"cannot read shard {name}: {e}") from None
+    raise DataError(f"shard {name} holds fewer samples than the {expected} its manifest lists")
 
 
 def read_positions(urls: tuple[str, ...], lengths: tuple[int, ...], order: list[int],
-                   positions: np.ndarray) -> Iterator[tuple[int, dict]]:
+                   positions: np.ndarray, reads: ShardReads | None = None) -> Iterator[tuple[int, dict]]:
     """(k, sample) for each of the sorted epoch ``positions`` (k its index in ``positions``), the shards read
     in ``order``; shards holding none of them are not opened."""
     sizes = np.array([lengths[i] for i in order], dtype=np.int64)
@@ -73,7 +86,7 @@ def read_positions(urls: tuple[str, ...], lengths: tuple[int, ...], order: list[
     for s in np.unique(shard_of):
         take = positions[shard_of == s] - starts[s]
         url = urls[order[s]]
-        for _, sample in read_samples(url, take.tolist(), int(sizes[s])):
+        for _, sample in read_samples(url, take.tolist(), int(sizes[s]), reads):
             yield k, sample
             k += 1
 

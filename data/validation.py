@@ -24,6 +24,7 @@ from .device_decode import DeviceDecoder, EncodedBatch
 from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, ignore_stop_signals,
                        stack_images, worker_slot)
 from .positions import even_share
+from .remote import ShardReads
 from .shard_reader import read_positions
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanResize, val_transform
@@ -42,14 +43,14 @@ class _ValStream(IterableDataset):
     def __init__(self, shards: ShardSet, loader: "ValLoader", transform):
         self.shards, self.transform, self.counter = shards, transform, loader._counter
         self.rank, self.world_size, self.batch_size = loader.rank, loader.world_size, loader.batch_size
-        self.encoded = isinstance(transform, PlanResize)
+        self.encoded, self.reads = isinstance(transform, PlanResize), loader._reads
 
     def __iter__(self):
         worker, workers = worker_slot()
         lo, hi = worker_run(self.shards.num_samples, self.rank, self.world_size, worker, workers)
         in_manifest_order = list(range(len(self.shards.urls)))
         samples = (s for _, s in read_positions(self.shards.urls, self.shards.lengths, in_manifest_order,
-                                                np.arange(lo, hi, dtype=np.int64)))
+                                                np.arange(lo, hi, dtype=np.int64), self.reads))
         while raw := list(islice(samples, self.batch_size)):
             images, labels, kept = decode_batch(raw, self.transform, self.shards.num_classes, self.counter)
             if images and self.encoded:
@@ -62,7 +63,8 @@ class ValLoader(SampleAccounting):
     """Every validation sample exactly once over all ranks and workers; finite; last batches may be short."""
 
     def __init__(self, shards: ShardSet, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 transform, max_bad_fraction: float = 0.001, decode_on=None):
+                 transform, max_bad_fraction: float = 0.001, decode_on=None, reads: ShardReads | None = None):
+        self._reads = reads or ShardReads()
         self.num_classes, self.num_samples = shards.num_classes, shards.num_samples
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         workers = max(1, num_workers)
@@ -86,10 +88,12 @@ class ValLoader(SampleAccounting):
 def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers: int, rank: int = 0,
                      world_size: int = 1, image_size: int = 224, crop_pct: float = 0.875,
                      resize: int | None = None, info: str | None = None, decode_on=None,
-                     interpolation: str = "bilinear") -> ValLoader:
+                     interpolation: str = "bilinear", reads: ShardReads | None = None) -> ValLoader:
     """Validation loader over ``source``: resize the shorter side to ``resize`` (default image_size /
-    crop_pct) with ``interpolation``, centre crop image_size; on ``decode_on`` as build_train_loader says."""
+    crop_pct) with ``interpolation``, centre crop image_size; on ``decode_on`` and with ``reads`` as
+    build_train_loader says."""
     check_rank(rank, world_size)
     shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                     transform=val_transform(image_size, crop_pct, resize, interpolation), decode_on=decode_on)
+                     transform=val_transform(image_size, crop_pct, resize, interpolation), decode_on=decode_on,
+                     reads=reads)
