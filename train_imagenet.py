@@ -49,7 +49,7 @@ from pathlib import Path
 from data import DataError
 from engine import console
 from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
-                            steps_per_epoch)
+                            shard_reads, steps_per_epoch)
 from engine.checkpoints import Progress
 from engine.config import parse_config
 from engine.continuation import continue_epoch
@@ -86,13 +86,14 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     resolution = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
     if cfg.runtime.compile:
         allow_a_graph_per_size(len(resolution.sizes()))
+    reads = shard_reads(cfg.data)  # remote shards: retries, and their count, shared by both loaders
     loader = open_train_loader(cfg.data, cfg.augment, resolution, batch_size=cfg.optim.batch_size,
-                               seed=cfg.run.seed, accelerator=accelerator)
+                               seed=cfg.run.seed, accelerator=accelerator, reads=reads)
     steps = steps_per_epoch(loader, grad_accum=cfg.optim.grad_accum, world_size=world)
     prep = DeviceBatch(cfg.augment, accelerator.device, loader.num_classes, channels_last=cfg.model.channels_last,
                        label_smoothing=cfg.optim.label_smoothing)
     val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size,
-                          interpolation=cfg.augment.interpolation, accelerator=accelerator)
+                          interpolation=cfg.augment.interpolation, accelerator=accelerator, reads=reads)
     batches = Batches(loader, val, prep, steps, resolution)
     # what is trained and how, wrapped by Accelerate (DDP, autocast, loss scaling)
     model = build_network(cfg.model, loader.num_classes, world)
@@ -125,7 +126,8 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
 def evaluate_only(cfg: Config, accelerator) -> int:
     """--evaluate: a model.pt or a checkpoint directory, on the validation split (no training loader)."""
     val = open_val_loader(cfg.data, cfg.evaluation, batch_size=cfg.optim.batch_size,
-                          interpolation=cfg.augment.interpolation, accelerator=accelerator)
+                          interpolation=cfg.augment.interpolation, accelerator=accelerator,
+                          reads=shard_reads(cfg.data))
     model = build_network(cfg.model, val.num_classes, accelerator.num_processes).to(accelerator.device)
     load_weights(cfg.run.evaluate, model, accelerator.device)
     prep = DeviceBatch(cfg.augment, accelerator.device, val.num_classes, channels_last=cfg.model.channels_last,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from data import TrainAugment, build_train_loader, build_val_loader, resolve_shards
+from data.remote import RetryPolicy, ShardReads
 
 from . import console
 from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
@@ -58,8 +59,14 @@ class Batches:
     resolution: ResolutionSchedule
 
 
+def shard_reads(data: DataConfig) -> ShardReads:
+    """How both loaders read remote shards (--read-retries, --read-timeout, --read-retry-wait), and the count of
+    their retries, one for the rank."""
+    return ShardReads(RetryPolicy(retries=data.read_retries, timeout=data.read_timeout, max_wait=data.read_retry_wait))
+
+
 def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: ResolutionSchedule, *,
-                      batch_size: int, seed: int, accelerator):
+                      batch_size: int, seed: int, accelerator, reads: ShardReads | None = None):
     """This rank's training batches: exactly len(loader) per epoch on every rank (see data/pipeline.py),
     of the size the trainer sets for each epoch."""
     if data.synthetic:
@@ -73,10 +80,11 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
                               world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
                               max_image_size=resolution.largest(), augment=timm_augment,
                               max_bad_fraction=data.max_bad_fraction, decode_on=decode_on(data, accelerator),
-                              local_ranks=local_world_size())
+                              local_ranks=local_world_size(), reads=reads)
 
 
-def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, interpolation: str, accelerator):
+def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int, interpolation: str, accelerator,
+                    reads: ShardReads | None = None):
     """This rank's share of the validation split (every image once over all ranks), resized with the training's
     --interpolation as timm's evaluation is; None with --synthetic."""
     if data.synthetic:
@@ -86,7 +94,7 @@ def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,
                             resize=evaluation.val_resize or None, decode_on=decode_on(data, accelerator),
-                            interpolation=interpolation)
+                            interpolation=interpolation, reads=reads)
 
 
 def decode_on(data: DataConfig, accelerator):

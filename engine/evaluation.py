@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from data.errors import DataOutage
+
 from . import console
 from .checkpoints import one_line
 from .runtime import bare
@@ -27,24 +29,32 @@ def evaluate(model, loader, prep, accelerator, *, flip: bool = False) -> dict:
     """Top-1/top-5 over the whole split, each image counted once across all ranks (flipped or not).
 
     Ranks may hold different numbers of batches, so nothing is exchanged per batch: the counts are summed
-    locally and reduced once at the end (a per-batch collective would hang on uneven ranks).
+    locally and reduced once at the end (a per-batch collective would hang on uneven ranks). A rank whose
+    remote shards stay unreadable (DataOutage) says so in that reduction, and every rank raises DataOutage.
     """
     net = bare(accelerator, model)  # no DDP: its forward could sync buffers
     sync_buffers(accelerator, net)
     was_training = net.training
     net.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # top1, top5, images
-    for images, labels in loader:
-        images, labels, _ = prep(images, labels, train=False)
-        with accelerator.autocast():
-            logits = predict(net, images, flip)
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5.eq(labels[:, None])
-        counts[0] += hit[:, 0].sum()
-        counts[1] += hit.any(dim=1).sum()
-        counts[2] += labels.numel()
+    counts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, images, outages
+    outage = ""
+    try:
+        for images, labels in loader:
+            images, labels, _ = prep(images, labels, train=False)
+            with accelerator.autocast():
+                logits = predict(net, images, flip)
+            top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5.eq(labels[:, None])
+            counts[0] += hit[:, 0].sum()
+            counts[1] += hit.any(dim=1).sum()
+            counts[2] += labels.numel()
+    except DataOutage as e:
+        counts[3], outage = 1, str(e)
     counts = accelerator.reduce(counts, reduction="sum").cpu()
     net.train(was_training)
+    if counts[3]:
+        raise DataOutage(outage or f"data outage: the validation shards of {int(counts[3])} other process(es) "
+                                   "stayed unreadable (their warnings name the shard)")
     n = int(counts[2])
     return {"top1": 100 * counts[0].item() / max(n, 1), "top5": 100 * counts[1].item() / max(n, 1), "images": n}
 

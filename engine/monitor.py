@@ -72,6 +72,36 @@ class Monitor:
             self.writer.close()
 
 
+class DataCounts:
+    """What the training loader counted, reported per epoch as metrics.jsonl's "data" line (and TensorBoard's
+    data/*): corrupt samples skipped (the loader warns about each by name), with --decode device the images
+    decoded on the CPU instead (data/device_decode.py says which), and the remote shard reads retried (by both
+    loaders, which share their ShardReads; each retry was a warning naming the shard and the byte)."""
+
+    NAMES = ("bad_samples", "cpu_fallbacks", "shard_retries")
+
+    def __init__(self):
+        self.reported = dict.fromkeys(self.NAMES, 0)  # totals over all ranks, as last reported
+
+    def report(self, accelerator, train, monitor: "Monitor", progress) -> None:
+        """Every rank calls it (one all-reduce); the counts since the last report are logged and said."""
+        mine = torch.tensor([float(getattr(train, name, 0)) for name in self.NAMES], device=accelerator.device)
+        totals = accelerator.reduce(mine, reduction="sum") if accelerator.num_processes > 1 else mine
+        new = {}
+        for name, total in zip(self.NAMES, (int(v) for v in totals.tolist())):
+            new[name], self.reported[name] = total - self.reported[name], total
+        monitor.log(progress.global_step, new, "data")
+        if new["bad_samples"]:
+            console.say(f"epoch {progress.epoch}: skipped {new['bad_samples']} corrupt training samples "
+                        "(named in the warnings above)")
+        if new["cpu_fallbacks"]:
+            console.say(f"epoch {progress.epoch}: {new['cpu_fallbacks']} training images decoded on the CPU, not "
+                        "the device (greyscale, CMYK or not JPEG, or refused by the device's decoder)")
+        if new["shard_retries"]:
+            console.say(f"epoch {progress.epoch}: {new['shard_retries']} remote shard reads retried (named in the "
+                        "warnings above)")
+
+
 class StepMeter:
     """Loss, images/s and the share of wall time spent waiting for the loader, per logging interval."""
 

@@ -9,6 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
+from data.remote import redact
 from resnet import ARCH_NAMES
 
 STOP_CHECK_EVERY = 10  # steps between agreeing on a stop request: one tiny all-reduce, not one per step
@@ -26,7 +27,9 @@ def option(default, help: str = "", *, low=None, choices=None, nargs=None, metav
 class DataConfig:
     """data"""
 
-    data_dir: str | None = option(None, "directory written by make-shards (holds _info.json and classes.txt)")
+    data_dir: str | None = option(None, "directory written by make-shards (holds _info.json and classes.txt), or "
+                                        "the URL it was uploaded under: http(s)://, s3://, gs:// (README, \"Data "
+                                        "in object storage\")")
     train_split: str = option("train", "split of --data-dir to train on")
     val_split: str = option("val", "split of --data-dir to evaluate on")
     workers: int = option(8, "loader worker processes per training process", low=0)
@@ -37,6 +40,13 @@ class DataConfig:
                                 "ship the bytes and each batch is decoded in one call on the training device "
                                 "(nvJPEG on a GPU), then cropped, resized and flipped there",
                          choices=("cpu", "device"))
+    read_retries: int = option(8, "retries of a failed or stalled remote shard read (each continues at the byte "
+                                  "where it stopped, after a doubling backoff); then the run checkpoints and exits "
+                                  "75 as a data outage", low=0)
+    read_timeout: float = option(60.0, "seconds without a byte before a remote read counts as stalled and is "
+                                       "retried", low=0.001)
+    read_retry_wait: float = option(600.0, "most seconds of backoff one remote read waits in all before it gives "
+                                           "up", low=0.0)
     synthetic: bool = option(False, "random data made on the device: measures the model without the loader")
     synthetic_steps: int = option(100, "steps per epoch with --synthetic", low=1)
     num_classes: int = option(1000, "with --synthetic only; else from classes.txt", low=2)
@@ -190,8 +200,10 @@ class Config:
     runtime: RuntimeConfig
 
     def flat(self) -> dict:
-        """Option name -> value, as a recipe holds them (``config.yaml`` in a run directory is one)."""
-        return {k: v for f in fields(self) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+        """Option name -> value, as a recipe holds them (``config.yaml`` in a run directory is one). What it
+        feeds is written down (config.yaml, checkpoints, TensorBoard), so credentials in a URL are hidden."""
+        return {k: redact(v) if isinstance(v, str) else v
+                for f in fields(self) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
 
 
 GROUPS = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}

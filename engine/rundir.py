@@ -25,7 +25,7 @@ from .runtime import any_rank
 
 LOCK_FILE = "run.lock"
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "model.pt", "model_ema.pt", "model.json",
-             "config.yaml", "run_info.json", "replicas.json")  # what a run writes; --overwrite removes exactly these
+             "config.yaml", "run_info.json", "replicas.json", "data_outage.txt")  # what a run writes; --overwrite removes exactly these
 
 
 class RunLock:

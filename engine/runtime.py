@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from data.remote import redact
+
 from . import console
 from .options import Config, RuntimeConfig
 
@@ -192,7 +194,7 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=True))
     info = {
-        "argv": sys.argv, "git_revision": git_revision(), "world_size": accelerator.num_processes,
+        "argv": [redact(a) for a in sys.argv], "git_revision": git_revision(), "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
         "host": socket.gethostname(), "ranks": RANKS, "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},

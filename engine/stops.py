@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import signal
 
 import torch
 import torch.nn as nn
 
+from data.errors import DataOutage
+
 from . import console
 from .runtime import any_rank
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run again with --resume auto
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal or a data outage after a checkpoint; run again with --resume auto
+# Written into the run directory on a data outage: torchrun reports its ranks' 75 as 1, so this is how the SLURM
+# scripts (launch/slurm/) tell an outage, worth a requeue after a delay, from a crash
+OUTAGE_FILE = "data_outage.txt"
 
 
 class StopReason(enum.Enum):
     SIGNAL = "signal"  # SIGUSR1/SIGTERM/SIGINT: write a checkpoint, exit EXIT_REQUEUE
     MAX_STEPS = "max-steps"  # --max-steps reached: write a checkpoint, then finish as at the last epoch
     NONFINITE = "nonfinite"  # the loss stayed NaN/inf, or the weights are no longer finite: save nothing, exit 1
+    DATA_OUTAGE = "data-outage"  # a remote shard stayed unreadable past its retries: checkpoint, exit EXIT_REQUEUE
 
 
 class StopRequest:
@@ -92,3 +99,48 @@ def unsafe_to_save(accelerator, guard: NonFiniteGuard, model: nn.Module) -> bool
     """Whether any rank's loss stayed non-finite or its weights are no longer finite: then nothing is saved."""
     too_many, bad_weights = any_rank(accelerator, guard.over_limit(), not guard.weights_finite(model))
     return too_many or bad_weights
+
+
+class DataWatch:
+    """Each step's batch, or None on every rank when any rank's remote shard read gave up (DataOutage, after its
+    retries: data/remote.py), so that all stop at the same step and the last complete one is checkpointed.
+
+    A rank without its batch cannot simply stop: the others would wait in the step's gradient all-reduce for
+    --dist-timeout. So with remote data every step first agrees on whether all ranks have their batch: one
+    all-reduce of one integer, on the CPU over gloo (a group of its own beside NCCL), so the device is never
+    synchronised for it. Local data cannot have an outage (a bad local shard is a DataError), and goes
+    unwatched."""
+
+    def __init__(self, accelerator, *, remote: bool, timeout_s: int):
+        self.world, self.message, self.group = accelerator.num_processes, "", None
+        self.watched = remote and self.world > 1
+        if self.watched:
+            import torch.distributed as dist
+
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else \
+                dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+    def next_batch(self, it):
+        """``next(it)``, or None when a rank's data is out (``message`` then names the shard and the cause)."""
+        try:
+            batch, failure = next(it), ""
+        except DataOutage as e:
+            if not self.watched and self.world > 1:
+                raise
+            batch, failure = None, str(e)
+        if self.watched:
+            failure = self._agree(failure)
+        self.message = failure
+        return None if failure else batch
+
+    def _agree(self, failure: str) -> str:
+        """The outage of the first rank that had one, on every rank; "" when none had."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if failure else 0], dtype=torch.int32)
+        dist.all_reduce(flag, group=self.group)
+        if not flag.item():
+            return ""
+        said = [None] * self.world  # rare, once per outage: the words themselves
+        dist.all_gather_object(said, failure, group=self.group)
+        return next(m for m in said if m)

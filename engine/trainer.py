@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from data.errors import DataOutage
+from data.remote import is_remote
+
 from . import console
 from .batches import Batches
 from .checkpoints import (CheckpointError, Progress, checkpoint_dirs, failure_message, save_checkpoint,
@@ -14,10 +17,11 @@ from .continuation import current_segment
 from .options import STOP_CHECK_EVERY, Config
 from .evaluation import check_count, check_replicas, evaluate, export_model, sync_buffers
 from .faults import FAULTS
-from .monitor import Monitor, StepMeter, progress_bar
+from .monitor import DataCounts, Monitor, StepMeter, progress_bar
 from .recipe import Learner, peak_lr, set_schedule
 from .runtime import bare
-from .stops import EXIT_REQUEUE, NonFiniteGuard, StopReason, StopRequest, agree_to_stop, unsafe_to_save
+from .stops import (EXIT_REQUEUE, OUTAGE_FILE, DataWatch, NonFiniteGuard, StopReason, StopRequest,
+                    agree_to_stop, unsafe_to_save)
 
 
 class Trainer:
@@ -34,8 +38,9 @@ class Trainer:
         self.images_per_batch = cfg.optim.batch_size * accelerator.num_processes  # one batch of every rank
         self.out = Path(cfg.run.output_dir)
         self.guard = NonFiniteGuard(accelerator.device, cfg.optim.max_nonfinite_steps)
-        self.bad_samples = 0  # corrupt training samples skipped by all ranks, as last reported
-        self.cpu_fallbacks = 0  # --decode device: images decoded on the CPU instead, by all ranks, as last reported
+        self.data_counts = DataCounts()
+        self.data = DataWatch(accelerator, remote=is_remote(cfg.data.data_dir or ""),
+                              timeout_s=cfg.runtime.dist_timeout)
         self.size_said = None  # the training size last announced on the console
         self.saved_step = -1  # the step of the newest checkpoint this run wrote
         self.epoch_batches = self.batches_in_epoch()
@@ -46,20 +51,25 @@ class Trainer:
     def fit(self) -> StopReason | None:
         """Epochs to the last, with evaluation and checkpoints; returns why it stopped early, if it did."""
         p = self.progress
+        if self.evaluation_missed() and self.evaluate_epoch():
+            self.saved_step = p.global_step  # the checkpoint this run resumed from
+            return StopReason.DATA_OUTAGE
         while p.epoch < self.epochs:
             reason = self.train_epoch(p.epoch)
             # --max-steps on the epoch's last step still ends the epoch: its records, evaluation and checkpoint
             if reason and not (reason is StopReason.MAX_STEPS and p.batch_in_epoch == self.epoch_batches):
                 return reason
-            if self.end_epoch():
-                return StopReason.NONFINITE
+            ended = self.end_epoch()
+            if ended:
+                return ended
             if reason:
                 return reason
         return None
 
-    def end_epoch(self) -> bool:
-        """The epoch's records, then the next epoch's start: evaluation and a checkpoint; True when the numbers
-        went non-finite (nothing saved)."""
+    def end_epoch(self) -> StopReason | None:
+        """The epoch's records, then the next epoch's start: evaluation and a checkpoint; NONFINITE when the
+        numbers went non-finite (nothing saved), DATA_OUTAGE when the evaluation could not read its shards (the
+        checkpoint is written, and the resumed run evaluates first)."""
         p = self.progress
         self.report_bad_samples()
         # logged when the epoch ends, before its checkpoint, so a resume neither repeats nor loses the record
@@ -67,11 +77,31 @@ class Trainer:
                          "epoch")
         p.start_epoch(p.epoch + 1)
         self.epoch_batches = self.batches_in_epoch()
-        if self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs):
+        outage = self.eval_due() and self.evaluate_epoch()
+        if self.save() is not None:
+            return StopReason.NONFINITE
+        return StopReason.DATA_OUTAGE if outage else None
+
+    def eval_due(self) -> bool:
+        p = self.progress
+        return self.batches.val is not None and (p.epoch % self.run.eval_every == 0 or p.epoch == self.epochs)
+
+    def evaluation_missed(self) -> bool:
+        """Resumed at an epoch's start whose evaluation a data outage stopped: it runs before training goes on."""
+        p = self.progress
+        return p.global_step > 0 and p.batch_in_epoch == 0 and p.last_eval_step != p.global_step and self.eval_due()
+
+    def evaluate_epoch(self) -> bool:
+        """The evaluation due at an epoch's start, and the best top-1 so far; True when a data outage stopped it."""
+        p = self.progress
+        try:
             result = self.evaluate()
-            if result["top1"] > p.best_top1:
-                p.best_top1, p.best_checkpoint = result["top1"], step_name(p.global_step)
-        return self.save() is not None
+        except DataOutage as e:
+            self.data.message = str(e)
+            return True
+        if result["top1"] > p.best_top1:
+            p.best_top1, p.best_checkpoint = result["top1"], step_name(p.global_step)
+        return False
 
     def batches_in_epoch(self) -> int:
         """Batches per rank in the current epoch (in its current segment), whole optimizer steps only."""
@@ -97,8 +127,12 @@ class Trainer:
         while p.batch_in_epoch < self.epoch_batches and not reason:
             # data: wait for the loader (timed), then normalise and mix on the device
             meter.start_wait()
-            images, labels = next(it)
+            batch = self.data.next_batch(it)
             meter.end_wait()
+            if batch is None:  # a remote store is down, on some rank: every rank stops before this step
+                reason = StopReason.DATA_OUTAGE
+                break
+            images, labels = batch
             images, labels, targets = prep(images, labels)
             if p.global_step == 0 and p.batch_in_epoch == 0:
                 self.monitor.image_grid(prep.for_display(images), 0)
@@ -189,21 +223,8 @@ class Trainer:
         return result
 
     def report_bad_samples(self) -> None:
-        """Corrupt training samples skipped this epoch by all ranks (the loader warns about each by name), and
-        with --decode device the images decoded on the CPU instead (data/device_decode.py says which)."""
-        a, train = self.accelerator, self.batches.train
-        mine = torch.tensor([float(getattr(train, "bad_samples", 0)), float(getattr(train, "cpu_fallbacks", 0))],
-                            device=a.device)
-        bad, fallbacks = (int(v) for v in (a.reduce(mine, reduction="sum") if a.num_processes > 1 else mine).tolist())
-        new, self.bad_samples = bad - self.bad_samples, bad
-        new_fallbacks, self.cpu_fallbacks = fallbacks - self.cpu_fallbacks, fallbacks
-        self.monitor.log(self.progress.global_step, {"bad_samples": new, "cpu_fallbacks": new_fallbacks}, "data")
-        if new:
-            console.say(f"epoch {self.progress.epoch}: skipped {new} corrupt training samples "
-                        "(named in the warnings above)")
-        if new_fallbacks:
-            console.say(f"epoch {self.progress.epoch}: {new_fallbacks} training images decoded on the CPU, not the "
-                        "device (greyscale, CMYK or not JPEG, or refused by the device's decoder)")
+        """The epoch's data counts, over all ranks (engine/monitor.py, DataCounts)."""
+        self.data_counts.report(self.accelerator, self.batches.train, self.monitor, self.progress)
 
     def save(self) -> StopReason | None:
         """A checkpoint, unless the loss or the weights went non-finite: then NONFINITE, and nothing is written."""
@@ -225,6 +246,8 @@ class Trainer:
         """The final evaluation and export; or a checkpoint and the requeue code after a signal; or, when the
         numbers went non-finite, the error and exit code 1 with the last good checkpoint untouched."""
         a, p, model = self.accelerator, self.progress, self.learner.model
+        if reason is StopReason.DATA_OUTAGE:
+            return self.stop_for_outage()
         if reason in (StopReason.SIGNAL, StopReason.MAX_STEPS) and self.saved_step != p.global_step:
             reason = self.save() or reason
         if reason is StopReason.NONFINITE:
@@ -246,3 +269,19 @@ class Trainer:
         self.monitor.close({k: v for k, v in final.items() if k in ("top1", "top5")})
         console.say(f"model written to {self.out / 'model.pt'}; view curves with: tensorboard --logdir {self.out}")
         return 0
+
+    def stop_for_outage(self) -> int:
+        """A data outage: the last complete optimizer step checkpointed (a half-accumulated one is read again on
+        resume), one line naming the shard and the cause, and the requeue code."""
+        p = self.progress
+        p.batch_in_epoch -= p.batch_in_epoch % self.grad_accum
+        self.learner.optimizer.zero_grad(set_to_none=True)
+        if self.saved_step != p.global_step and self.save() is StopReason.NONFINITE:
+            return self.finish(StopReason.NONFINITE)
+        self.report_bad_samples()  # the retries that came before the outage
+        if self.accelerator.is_main_process:
+            (self.out / OUTAGE_FILE).write_text(self.data.message + "\n")
+        console.say(f"stopped at step {p.global_step}: {self.data.message}; checkpoint written; exit "
+                    f"{EXIT_REQUEUE}: run again with --resume auto once the store answers")
+        self.stop.ignore_from_now_on()
+        return EXIT_REQUEUE

@@ -524,3 +524,56 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(tmp
 def reseal(ckpt: Path) -> None:
     sums = {f.name: C.file_sha256(f) for f in sorted(ckpt.iterdir()) if f.name != C.CHECKSUM_FILE}
     (ckpt / C.CHECKSUM_FILE).write_text(json.dumps(sums))
+
+
+# ------------------------------------------------------------------- 9. a shard store that goes down
+
+
+def rank_1_shard(shards: Path) -> str:
+    """A training shard that only rank 1 reads in epoch 0 of two_process_args (seed 1): its run is positions
+    704..1407 of the epoch's sequence."""
+    from data.positions import shard_order
+    from data.sources import resolve_shards
+
+    split = resolve_shards(shards, "train")
+    start = 0
+    for s in shard_order(1, 0, len(split.urls)):
+        if start >= 704 and start + split.lengths[s] <= 1408:
+            return Path(split.urls[s]).name
+        start += split.lengths[s]
+    raise AssertionError("no shard read by rank 1 alone")
+
+
+def test_a_store_outage_checkpoints_exits_75_and_resumes_over_http_to_the_local_runs_weights(
+        tmp_path, digits_shards, reference):
+    """Two processes read the digits over HTTP from a server on 127.0.0.1. Round 1: one reset (retried, counted)
+    on rank 0's first shard, and a shard of rank 1's that answers 503 for good: every rank stops at the same
+    step, the last complete one is checkpointed, one line names the shard, the ranks exit 75 and
+    data_outage.txt says why. Round 2, over the healthy server, resumes to the weights and the exact validation
+    count of the uninterrupted run on the local folder."""
+    from data.positions import shard_order
+    from data.sources import resolve_shards
+    from shard_server import Fault, serve
+
+    down, first = rank_1_shard(digits_shards), resolve_shards(digits_shards, "train").urls[shard_order(1, 0, 12)[0]]
+    out = tmp_path / "run"
+    with serve(digits_shards) as server:
+        args = [a if a != digits_shards else server.url for a in two_process_args(digits_shards)]
+        cmd = accelerate_launch(2, *args, "--read-retries", "2", "--read-timeout", "5", "--output-dir", out,
+                                "--resume", "auto")
+        server.faults += [Fault("reset", Path(first).name, after=3000), Fault("503", down, times=10**6)]
+        proc = run(cmd, timeout=300, check=False)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, output
+        said = re.findall(r"stopped at step (\d+): data outage: shard (\S+) unreadable at byte 0 after 3 attempts", output)
+        assert said == [("0", f"{server.url}/{down}")], output
+        assert checkpoints(out) == ["step-00000000"]
+        assert down in (out / "data_outage.txt").read_text()
+        data = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["shard_retries"] for r in data if r["kind"] == "data"] == [3], "1 reset + 2 retries of the 503s"
+
+        server.faults.clear()
+        proc = run(cmd, timeout=300)
+    assert "images=360 " in proc.stdout and "resumed from" in proc.stdout
+    assert_same_tensors(torch.load(out / "model.pt", weights_only=True),
+                        torch.load(reference / "model.pt", weights_only=True))
