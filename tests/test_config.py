@@ -88,3 +88,4 @@ def test_decode_device_with_an_augmentation_of_decoded_images_is_one_clear_line(
             parse_config(["--synthetic", "--decode", "device", *flag])
         err = capsys.readouterr().err
         assert "use --decode cpu with them" in err and err.count("\n") == 1, err
+

@@ -133,3 +133,25 @@ def test_the_export_writes_model_and_ema_alike_beside_and_renamed_with_plain_key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt", "model_ema.pt"]
     for name in ("model.pt", "model_ema.pt"):
         torchvision.models.resnet18(num_classes=10).load_state_dict(torch.load(tmp_path / name, weights_only=True))
+
+
+def test_a_data_outage_mid_evaluation_is_raised_after_the_one_reduction():
+    """A rank whose validation shards stay unreadable still joins the evaluation's one all-reduce (the other
+    ranks wait there), then every rank raises DataOutage: the trainer checkpoints and exits 75."""
+    from data.errors import DataOutage
+
+    reduced = []
+
+    class Counting(OneProcess):
+        def reduce(self, tensor, reduction):
+            reduced.append(tensor.clone())
+            return tensor
+
+    def batches():
+        yield torch.randn(2, 3, 4, 6), torch.tensor([0, 1])
+        raise DataOutage("data outage: shard http://h/val-000001.tar unreadable at byte 0 after 9 attempts: HTTP 503")
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 6, 5)).eval()
+    with pytest.raises(DataOutage, match="val-000001.tar unreadable"):
+        evaluate(net, batches(), Identity(), Counting())
+    assert len(reduced) == 1 and reduced[0][2] == 2 and reduced[0][3] == 1, "counts and the outage, reduced once"

@@ -152,3 +152,27 @@ def test_a_url_never_passes_through_a_shell(tmp_path, digits_shards, monkeypatch
         samples = list(read_shard(shards.urls[0]))
     assert shards.num_samples == 360 and len(samples) == shards.lengths[0]
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "q'").exists()
+
+
+def test_the_loaders_over_faulty_http_give_the_local_batches_and_count_the_retries(server, digits_shards):
+    """The training loader (one worker process: the count is in shared memory) and the validation loader, over
+    HTTP with a reset and a 503, yield the labels they yield from the local folder, the validation every image
+    once; both count their retries into the ShardReads they share."""
+    from data import build_train_loader, build_val_loader
+
+    def labels(loaders):
+        return [y.tolist() for loader in loaders for _, y in loader]
+
+    def loaders(source, reads=None):
+        train = build_train_loader(source, batch_size=64, num_workers=1, image_size=32, seed=3, reads=reads)
+        train.set_epoch(0, start_batch=5)  # a resume: the first 5 batches' samples are sought over
+        val = build_val_loader(source, batch_size=100, num_workers=0, image_size=32, crop_pct=1.0, reads=reads)
+        return train, val
+
+    local = labels(loaders(digits_shards))
+    server.faults += [Fault("reset", "train-", after=9000), Fault("503", "val-000001")]
+    reads = ShardReads(FAST)
+    train, val = loaders(server.url, reads)
+    assert labels([train, val]) == local
+    assert sum(len(b) for b in local[-4:]) == 360
+    assert train.shard_retries == val.shard_retries == reads.retries == 2

@@ -92,3 +92,14 @@ def test_the_bare_network_comes_out_of_ddp_and_compile_leaving_the_wrappers_as_t
         assert compiled._orig_mod is net and not hasattr(compiled, "no_sync")
     finally:
         dist.destroy_process_group()
+
+
+def test_credentials_in_a_data_url_reach_neither_config_yaml_nor_run_info(tmp_path, monkeypatch):
+    argv = ["train_imagenet.py", "--data-dir", "https://alice:s3cret@store.example/in1k?token=t0ken"]
+    monkeypatch.setattr("sys.argv", argv)
+    cfg = parse_config(argv[1:])
+    assert cfg.data.data_dir == argv[2], "the run itself reads with them"
+    write_run_info(cfg, one_process(), tmp_path)  # cfg.flat() also makes each checkpoint's config and the hparams
+    written = (tmp_path / "config.yaml").read_text() + (tmp_path / "run_info.json").read_text()
+    assert "s3cret" not in written and "t0ken" not in written
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data_dir"] == "https://***@store.example/in1k?***"
