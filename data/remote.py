@@ -128,16 +128,18 @@ def open_http(url: str, pos: int, timeout: float):
 
 def open_fsspec(url: str, pos: int, timeout: float):
     """(file positioned at ``pos``, size) of an ``s3://`` or ``gs://`` object, through fsspec."""
+    scheme = url.split("://", 1)[0]
+    package, extra = {"s3": ("s3fs", "s3")}.get(scheme, ("gcsfs", "gcs"))
     try:
         import fsspec
-    except ImportError:
-        raise _Permanent(f"reading {url.split('://')[0]}:// needs fsspec with s3fs or gcsfs "
-                         "(pip install .[s3] or .[gcs])") from None
-    try:
+
         fs, path = fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        raise _Permanent(f"reading {url.split('://')[0]}:// needs {e.name} (pip install .[s3] or .[gcs])") from None
-    f = fs.open(path, "rb")
+    except ImportError:
+        raise _Permanent(f"reading {scheme}:// needs fsspec and {package}: pip install .[{extra}]") from None
+    try:
+        f = fs.open(path, "rb")
+    except (FileNotFoundError, PermissionError) as e:  # OSErrors no retry mends
+        raise _Permanent(f"{type(e).__name__}: {e}") from None
     f.seek(pos)
     return f, f.size
 

@@ -51,7 +51,7 @@ class ShardSet:
 
 
 def _is_local(url: str) -> bool:
-    return not url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
+    return not url.startswith("pipe:") and not is_remote(url)
 
 
 def _local_path(url: str) -> str:

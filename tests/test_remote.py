@@ -176,3 +176,36 @@ def test_the_loaders_over_faulty_http_give_the_local_batches_and_count_the_retri
     assert labels([train, val]) == local
     assert sum(len(b) for b in local[-4:]) == 360
     assert train.shard_retries == val.shard_retries == reads.retries == 2
+
+
+def test_object_store_urls_go_through_fsspec_and_read_like_the_folder(digits_shards, monkeypatch):
+    """s3:// and gs:// are read through fsspec's ranged file objects; fsspec's in-memory store stands in for a
+    bucket here (s3fs and gcsfs are optional and not installed for the tests: see README)."""
+    import fsspec
+
+    assert remote.is_remote("s3://bucket/in1k") and remote.is_remote("gs://bucket/in1k")
+    assert not remote.is_remote("/data/in1k") and not remote.is_remote("pipe:cat x.tar")
+    monkeypatch.setattr(remote, "FSSPEC_SCHEMES", remote.FSSPEC_SCHEMES + ("memory://",))
+    fs = fsspec.filesystem("memory")
+    for f in digits_shards.iterdir():
+        fs.pipe(f"/bucket18/in1k/{f.name}", f.read_bytes())
+    try:
+        shards = resolve_shards("memory://bucket18/in1k", "val")
+        assert shards.lengths == resolve_shards(digits_shards, "val").lengths
+        got = keys_and_labels(read_shard(shards.urls[1], ShardReads(FAST)))
+        assert got == keys_and_labels(read_shard(str(digits_shards / "val-000001.tar")))
+        with pytest.raises(DataError, match="FileNotFoundError"):
+            list(read_shard("memory://bucket18/in1k/val-000099.tar", ShardReads(FAST)))
+    finally:
+        fs.rm("/bucket18", recursive=True)
+
+
+def test_object_store_without_its_package_is_one_line_naming_the_extra(monkeypatch):
+    import fsspec.core
+
+    def no_s3fs(url, **kw):
+        raise ImportError("Install s3fs to access S3")  # what fsspec says without s3fs
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_s3fs)
+    with pytest.raises(DataError, match=r"s3:// needs fsspec and s3fs: pip install \.\[s3\]"):
+        list(read_shard("s3://bucket/in1k/train-000000.tar", ShardReads(FAST)))
