@@ -247,11 +247,12 @@ def _cause(e: Exception) -> str:
 # ---------------------------------------------------------------- what the loaders hold
 
 class ShardReads:
-    """How a loader opens shards: the retry policy for remote ones, and the count of retries, in shared memory
-    so that it sums over the loader's worker processes and is readable in the main one."""
+    """How a loader opens shards: the retry policy for remote ones, an optional local cache of them
+    (data/shard_cache.py), and the count of retries, in shared memory so that it sums over the loader's worker
+    processes and is readable in the main one."""
 
-    def __init__(self, policy: RetryPolicy = RetryPolicy()):
-        self.policy = policy
+    def __init__(self, policy: RetryPolicy = RetryPolicy(), cache=None):
+        self.policy, self.cache = policy, cache  # cache: a data.shard_cache.ShardCache, or None
         self._retries = multiprocessing.Value("q", 0)
 
     @property
@@ -265,7 +266,9 @@ class ShardReads:
     @contextmanager
     def open(self, url: str):
         """A binary stream of the shard or file at ``url``: remote ones resumable, the others through gopen."""
-        if is_remote(url):
+        if is_remote(url) and self.cache is not None:
+            stream = self.cache.open(url, lambda: ResumableStream(url, self))
+        elif is_remote(url):
             stream = ResumableStream(url, self)
         else:
             import webdataset as wds

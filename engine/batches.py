@@ -9,6 +9,7 @@ import torch
 
 from data import TrainAugment, build_train_loader, build_val_loader, resolve_shards
 from data.remote import RetryPolicy, ShardReads
+from data.shard_cache import ShardCache
 
 from . import console
 from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
@@ -60,9 +61,11 @@ class Batches:
 
 
 def shard_reads(data: DataConfig) -> ShardReads:
-    """How both loaders read remote shards (--read-retries, --read-timeout, --read-retry-wait), and the count of
-    their retries, one for the rank."""
-    return ShardReads(RetryPolicy(retries=data.read_retries, timeout=data.read_timeout, max_wait=data.read_retry_wait))
+    """How both loaders read remote shards (--read-retries, --read-timeout, --read-retry-wait, --shard-cache), and
+    the count of their retries, one for the rank."""
+    policy = RetryPolicy(retries=data.read_retries, timeout=data.read_timeout, max_wait=data.read_retry_wait)
+    cache = ShardCache(data.shard_cache, int(data.shard_cache_gb * 1e9)) if data.shard_cache else None
+    return ShardReads(policy, cache)
 
 
 def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: ResolutionSchedule, *,

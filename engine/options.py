@@ -47,6 +47,10 @@ class DataConfig:
                                        "retried", low=0.001)
     read_retry_wait: float = option(600.0, "most seconds of backoff one remote read waits in all before it gives "
                                            "up", low=0.0)
+    shard_cache: str | None = option(None, "local folder (one per node) for whole, verified copies of remote "
+                                           "shards, so later epochs read them from disk", metavar="DIR")
+    shard_cache_gb: float = option(100.0, "size cap of --shard-cache, GB; the least recently used shards leave "
+                                          "first", low=0.0)
     synthetic: bool = option(False, "random data made on the device: measures the model without the loader")
     synthetic_steps: int = option(100, "steps per epoch with --synthetic", low=1)
     num_classes: int = option(1000, "with --synthetic only; else from classes.txt", low=2)
