@@ -47,6 +47,7 @@ import sys
 from pathlib import Path
 
 from data import DataError
+from data.errors import DataOutage
 from engine import console
 from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
                             shard_reads, steps_per_epoch)
@@ -62,7 +63,7 @@ from engine.resume import Fit, resume_from
 from engine.rundir import claim_run_dir
 from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, bare, make_accelerator, seed_each_rank,
                             write_run_info)
-from engine.stops import StopRequest
+from engine.stops import StopRequest, exit_for_outage
 from engine.trainer import Trainer
 
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg.runtime, grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed)
     try:
         code = evaluate_only(cfg, accelerator) if cfg.run.evaluate else train(cfg, accelerator, stop)
+    except DataOutage as e:  # the shard store is down before training began: nothing to save, requeue
+        code = exit_for_outage(Path(cfg.run.output_dir), str(e), accelerator.is_main_process)
     except DataError as e:  # an unreadable shard, too many corrupt samples: one line naming it
         console.fatal(str(e))
     accelerator.end_training()

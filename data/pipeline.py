@@ -378,7 +378,7 @@ def build_train_loader(source, *, split: str = "train", batch_size: int, num_wor
     in one call (data/device_decode.py). ``reads``: how remote shards are read and their retries counted
     (data/remote.py; default: the default RetryPolicy)."""
     check_rank(rank, world_size)
-    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
+    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info, reads)
     return TrainLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        seed=seed, augment=augment, image_size=image_size, max_image_size=max_image_size,
                        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, decode_on=decode_on,

@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import random
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -109,6 +110,10 @@ def open_http(url: str, pos: int, timeout: float):
         if e.code >= 500 or e.code in (408, 429):
             raise OSError(f"HTTP {e.code} {e.reason}") from None
         raise _Permanent(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLCertVerificationError):  # a retry meets the same certificate
+            raise _Permanent(f"TLS certificate: {e.reason}") from None
+        raise
     except ValueError as e:  # urllib's word for a URL it cannot parse
         raise _Permanent(str(e)) from None
     total = None
@@ -280,5 +285,9 @@ class ShardReads:
             stream.close()
 
     def read_text(self, url: str) -> str:
-        with self.open(url) as f:
+        """A small file (a manifest), whole; remote ones retried, never cached."""
+        if not is_remote(url):
+            with self.open(url) as f:
+                return f.read().decode("utf-8")
+        with ResumableStream(url, self) as f:
             return f.read().decode("utf-8")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import webdataset as wds
 
-from .errors import DataError
+from .errors import DataError, DataOutage
 from .remote import ShardReads, is_remote, redact
 from .shards import CLASSES_FILE, INFO_FILE
 
@@ -58,11 +58,13 @@ def _local_path(url: str) -> str:
     return url[len("file:"):] if url.startswith("file:") else url
 
 
-def _read_text(url: str, what: str) -> str:
+def _read_text(url: str, what: str, reads: ShardReads) -> str:
     if _is_local(url) and not os.path.isfile(_local_path(url)):
         raise DataError(f"{what} not found: {_local_path(url)}")
     try:
-        return ShardReads().read_text(url)
+        return reads.read_text(url)
+    except DataOutage:  # the store is down: the trainer requeues on it
+        raise
     except DataError as e:
         raise DataError(f"cannot read {what}: {e}") from None
     except Exception as e:  # gopen raises whatever its transport raises (IOError, pipe exit status, ...)
@@ -90,14 +92,14 @@ def _beside(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name if "/" in url else name
 
 
-def _load_manifest(info_url: str) -> tuple[dict, int]:
+def _load_manifest(info_url: str, reads: ShardReads) -> tuple[dict, int]:
     """The parsed _info.json and the number of lines of the classes.txt beside it."""
     try:
-        info = json.loads(_read_text(info_url, "shard manifest"))
+        info = json.loads(_read_text(info_url, "shard manifest", reads))
     except json.JSONDecodeError as e:
         raise DataError(f"shard manifest is not valid JSON: {redact(info_url)} ({e})") from None
     _check_names(info, info_url)
-    classes = _read_text(_beside(info_url, CLASSES_FILE), "class list").split()
+    classes = _read_text(_beside(info_url, CLASSES_FILE), "class list", reads).split()
     if not classes:
         raise DataError(f"class list is empty: {redact(_beside(info_url, CLASSES_FILE))}")
     return info, len(classes)
@@ -124,20 +126,20 @@ def _split_entry(manifest: dict, split: str, info_url: str) -> dict:
     return entry
 
 
-def _from_folder(root: str, split: str, info: str | None):
+def _from_folder(root: str, split: str, info: str | None, reads: ShardReads):
     """(urls, lengths, classes) of ``split`` in a make-shards folder or the URL prefix it was uploaded under."""
     join = os.path.join if _is_local(root) else (lambda r, name: r.rstrip("/") + "/" + name)
     info = info or join(root, INFO_FILE)
-    manifest, num_classes = _load_manifest(info)
+    manifest, num_classes = _load_manifest(info, reads)
     entry = _split_entry(manifest, split, info)
     return [join(root, f) for f in entry["filenames"]], entry["shard_lengths"], num_classes
 
 
-def _from_pattern(source, split: str, info: str | None):
+def _from_pattern(source, split: str, info: str | None, reads: ShardReads):
     """(urls, lengths, classes) of the shards of ``split`` a pattern or list selects (see the module doc)."""
     urls = _expand(source)
     info = info or _beside(urls[0], INFO_FILE)
-    manifest, num_classes = _load_manifest(info)
+    manifest, num_classes = _load_manifest(info, reads)
     known = {f: (name, n) for name, e in manifest.get("splits", {}).items()
              for f, n in zip(e["filenames"], e["shard_lengths"])}
     missing = [u for u in urls if u.rsplit("/", 1)[-1] not in known]
@@ -152,15 +154,17 @@ def _from_pattern(source, split: str, info: str | None):
     return mine, [known[u.rsplit("/", 1)[-1]][1] for u in mine], num_classes
 
 
-def resolve_shards(source, split: str, info: str | None = None) -> ShardSet:
-    """The ShardSet of ``split`` in ``source``; raises DataError naming any missing file."""
+def resolve_shards(source, split: str, info: str | None = None, reads: ShardReads | None = None) -> ShardSet:
+    """The ShardSet of ``split`` in ``source``; raises DataError naming any missing file. ``reads``: how remote
+    manifests are read (data/remote.py; default: the default RetryPolicy)."""
+    reads = reads or ShardReads()
     single = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if single and _is_local(single) and "{" not in single and "::" not in single \
             and not os.path.exists(_local_path(single)):
         raise DataError(f"no such shard folder or file: {_local_path(single)} (expected the output of make-shards)")
     if single and (os.path.isdir(single) or _is_prefix(single)):
-        urls, lengths, num_classes = _from_folder(single, split, info)
+        urls, lengths, num_classes = _from_folder(single, split, info, reads)
     else:
-        urls, lengths, num_classes = _from_pattern(single or source, split, info)
+        urls, lengths, num_classes = _from_pattern(single or source, split, info, reads)
     _check_exist(urls)
     return ShardSet(split, tuple(urls), tuple(lengths), num_classes)

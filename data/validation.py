@@ -93,7 +93,7 @@ def build_val_loader(source, *, split: str = "val", batch_size: int, num_workers
     crop_pct) with ``interpolation``, centre crop image_size; on ``decode_on`` and with ``reads`` as
     build_train_loader says."""
     check_rank(rank, world_size)
-    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info)
+    shards = source if isinstance(source, ShardSet) else resolve_shards(source, split, info, reads)
     return ValLoader(shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                      transform=val_transform(image_size, crop_pct, resize, interpolation), decode_on=decode_on,
                      reads=reads)

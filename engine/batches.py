@@ -77,7 +77,7 @@ def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: Reso
     timm_augment = TrainAugment(scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip,
                                 color_jitter=augment.color_jitter, auto_augment=augment.auto_augment,
                                 interpolation=augment.interpolation)
-    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.train_split))
+    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.train_split, reads=reads))
     return build_train_loader(shards, batch_size=batch_size,
                               num_workers=data.workers, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, seed=seed, image_size=resolution.at(0),
@@ -92,7 +92,7 @@ def open_val_loader(data: DataConfig, evaluation: EvalConfig, *, batch_size: int
     --interpolation as timm's evaluation is; None with --synthetic."""
     if data.synthetic:
         return None
-    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.val_split))
+    shards = from_main(accelerator, lambda: resolve_shards(data.data_dir, data.val_split, reads=reads))
     return build_val_loader(shards, batch_size=batch_size, num_workers=data.workers,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             image_size=evaluation.crop(data.image_size), crop_pct=evaluation.crop_pct,

@@ -146,11 +146,14 @@ def from_main(accelerator, read):
     from accelerate.utils import broadcast_object_list
 
     from data import DataError
+    from data.errors import DataOutage
 
     box, crash = [None], None
     if accelerator.is_main_process:
         try:
             box = [("ok", read())]
+        except DataOutage as e:  # the store is down, not the data bad: every rank exits 75 (engine/stops.py)
+            box = [("outage", str(e))]
         except DataError as e:
             box = [("error", str(e))]
         except Exception as e:  # noqa: BLE001 -- re-raised below, once the other ranks know to stop
@@ -161,6 +164,8 @@ def from_main(accelerator, read):
         raise crash
     if kind == "error":
         console.fatal(value, main_only=True)
+    if kind == "outage":
+        raise DataOutage(value)
     return value
 
 

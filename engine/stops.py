@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import enum
 import signal
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -144,3 +145,13 @@ class DataWatch:
         said = [None] * self.world  # rare, once per outage: the words themselves
         dist.all_gather_object(said, failure, group=self.group)
         return next(m for m in said if m)
+
+
+def exit_for_outage(out: Path, message: str, is_main_process: bool) -> int:
+    """A data outage's end: OUTAGE_FILE in the run directory (for the SLURM scripts), one line, the requeue code."""
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OUTAGE_FILE).write_text(message + "\n")
+    console.say(f"{message}; exit {EXIT_REQUEUE}: run again with --resume auto once the store answers")
+    StopRequest.ignore_from_now_on()
+    return EXIT_REQUEUE

@@ -20,8 +20,8 @@ from .faults import FAULTS
 from .monitor import DataCounts, Monitor, StepMeter, progress_bar
 from .recipe import Learner, peak_lr, set_schedule
 from .runtime import bare
-from .stops import (EXIT_REQUEUE, OUTAGE_FILE, DataWatch, NonFiniteGuard, StopReason, StopRequest,
-                    agree_to_stop, unsafe_to_save)
+from .stops import (EXIT_REQUEUE, DataWatch, NonFiniteGuard, StopReason, StopRequest, agree_to_stop,
+                    exit_for_outage, unsafe_to_save)
 
 
 class Trainer:
@@ -279,9 +279,5 @@ class Trainer:
         if self.saved_step != p.global_step and self.save() is StopReason.NONFINITE:
             return self.finish(StopReason.NONFINITE)
         self.report_bad_samples()  # the retries that came before the outage
-        if self.accelerator.is_main_process:
-            (self.out / OUTAGE_FILE).write_text(self.data.message + "\n")
-        console.say(f"stopped at step {p.global_step}: {self.data.message}; checkpoint written; exit "
-                    f"{EXIT_REQUEUE}: run again with --resume auto once the store answers")
-        self.stop.ignore_from_now_on()
-        return EXIT_REQUEUE
+        return exit_for_outage(self.out, f"stopped at step {p.global_step}, checkpoint written: {self.data.message}",
+                               self.accelerator.is_main_process)

@@ -565,7 +565,8 @@ def test_a_store_outage_checkpoints_exits_75_and_resumes_over_http_to_the_local_
         proc = run(cmd, timeout=300, check=False)
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0 and len(re.findall(r"exitcode\s*:\s*75 ", output)) == 2, output
-        said = re.findall(r"stopped at step (\d+): data outage: shard (\S+) unreadable at byte 0 after 3 attempts", output)
+        said = re.findall(r"stopped at step (\d+), checkpoint written: data outage: shard (\S+) unreadable at byte 0 "
+                          r"after 3 attempts", output)
         assert said == [("0", f"{server.url}/{down}")], output
         assert checkpoints(out) == ["step-00000000"]
         assert down in (out / "data_outage.txt").read_text()
@@ -577,3 +578,17 @@ def test_a_store_outage_checkpoints_exits_75_and_resumes_over_http_to_the_local_
     assert "images=360 " in proc.stdout and "resumed from" in proc.stdout
     assert_same_tensors(torch.load(out / "model.pt", weights_only=True),
                         torch.load(reference / "model.pt", weights_only=True))
+
+
+def test_a_store_down_at_start_up_exits_75_before_anything_is_written(tmp_path, digits_shards):
+    from shard_server import Fault, serve
+
+    out = tmp_path / "run"
+    with serve(digits_shards) as server:
+        server.faults.append(Fault("503", "_info.json", times=10**6))
+        proc = run(trainer(*[a if a != digits_shards else server.url for a in digits_args(digits_shards)],
+                           "--read-retries", "1", "--output-dir", out), timeout=180, check=False)
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert re.search(r"^data outage: shard http://\S+/_info.json unreadable at byte 0 after 2 attempts .*HTTP 503.*; "
+                     r"exit 75", proc.stdout, re.M), proc.stdout + proc.stderr
+    assert "_info.json" in (out / "data_outage.txt").read_text() and not (out / "checkpoints").exists()
