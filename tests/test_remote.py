@@ -17,7 +17,8 @@ from data.shard_reader import read_positions, read_samples, read_shard
 from data.sources import resolve_shards
 from shard_server import Fault, serve
 
-FAST = RetryPolicy(retries=4, timeout=0.5, first_delay=0.001)  # a stall fails after 0.5 s; backoffs are ms
+FAST = RetryPolicy(retries=4, timeout=1.5, first_delay=0.001)  # a stall fails after 1.5 s (no busy CI machine
+# pauses a loopback read that long, so no retry is counted that was not injected); backoffs are ms
 
 
 def keys_and_labels(samples):
@@ -209,3 +210,13 @@ def test_object_store_without_its_package_is_one_line_naming_the_extra(monkeypat
     monkeypatch.setattr(fsspec.core, "url_to_fs", no_s3fs)
     with pytest.raises(DataError, match=r"s3:// needs fsspec and s3fs: pip install \.\[s3\]"):
         list(read_shard("s3://bucket/in1k/train-000000.tar", ShardReads(FAST)))
+
+
+def test_a_manifest_store_that_stays_down_is_an_outage_under_the_runs_policy(server):
+    """Found by the start-up test in tests/test_faults.py: manifests were read with the default policy (8 retries,
+    minutes of backoff) whatever --read-retries said, and their outage became a plain DataError (exit 1)."""
+    server.faults.append(Fault("503", "_info.json", times=100))
+    reads = ShardReads(RetryPolicy(retries=1, first_delay=0.001))
+    with pytest.raises(DataOutage, match="_info.json unreadable at byte 0 after 2 attempts"):
+        resolve_shards(server.url, "train", reads=reads)
+    assert reads.retries == 1

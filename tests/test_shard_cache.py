@@ -11,7 +11,7 @@ from data.shard_cache import ShardCache
 from data.shard_reader import read_samples, read_shard
 from shard_server import Fault, serve
 
-FAST = RetryPolicy(retries=4, timeout=0.5, first_delay=0.001)
+FAST = RetryPolicy(retries=4, timeout=1.5, first_delay=0.001)
 
 
 @pytest.fixture
