@@ -146,6 +146,8 @@ class Trainer:
             learner.ema.update(bare(a, learner.model))
         if p.global_step % self.run.log_every == 0:
             self.log_interval(meter)
+        if p.global_step == FAULTS.pause_at_step:
+            FAULTS.pause(lambda: self.stop.requested)
         epoch_end = p.batch_in_epoch == self.epoch_batches  # end_epoch() saves after evaluating
         if self.run.checkpoint_every and p.global_step % self.run.checkpoint_every == 0 and not epoch_end:
             if self.save():
