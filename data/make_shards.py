@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "Kaggle's LOC_val_solution.csv, or the devkit's one ILSVRC2012_ID per line "
                           "(meta.mat beside it)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", required=True, help="folder for the shards, _info.json, classes.txt, skipped.txt")
+    out.add_argument("--out", required=True, help="folder for the shards, _info.json, classes.txt, skipped.jsonl")
     out.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     out.add_argument("--max-side", type=int, default=None,
                      help="re-encode images whose longer side exceeds this (default: keep sizes)")

@@ -94,7 +94,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_only_complete_splits(tmp_path):
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         # train is complete once the manifest lists it; val then blocks in a worker on the FIFO
-        for _ in range(600):  # at most 30 s
+        for _ in range(2400):  # at most 2 minutes, on a loaded machine
             if (out / "_info.json").is_file() and (out / ".val.partial").is_dir():
                 break
             with pytest.raises(subprocess.TimeoutExpired):  # still running: it must not end by itself
