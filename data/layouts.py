@@ -49,11 +49,6 @@ def class_folders(root: Path, keep_empty: bool = False) -> tuple[list[str], list
     return classes, empty
 
 
-def list_classes(root: Path) -> list[str]:
-    """Sorted names of the class folders under ``root`` that hold files."""
-    return class_folders(root)[0]
-
-
 def class_folder_items(root: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(relative path, class index) for every file in ``root/<class>/``, sorted by path."""
     index = {name: i for i, name in enumerate(classes)}

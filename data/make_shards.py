@@ -92,17 +92,18 @@ def interrupted_line(e: KeyboardInterrupt, out: str) -> str:
             f"left); to finish, run again with {flags} only")
 
 
-def report(results, out: str) -> None:
+def report(results, args: argparse.Namespace) -> None:
     """The summary: a warning per empty class folder left out, then a line per split."""
     for r in results:
         for name in r.empty_classes:
-            print(f"warning: class folder {name} holds no files: left out of the classes "
+            folder = os.path.join(args.train_dir if r.name == "train" else args.val_dir, name)
+            print(f"warning: class folder {folder} holds no files: left out of the classes "
                   "(--keep-empty-classes keeps it)", file=sys.stderr)
     for r in results:
         empty = f"; {len(r.empty_classes)} empty class folder(s) left out" if r.empty_classes else ""
         print(f"{r.name}: {r.num_samples} written in {len(r.filenames)} shards, {len(r.skipped)} skipped{empty}")
     if any(r.skipped for r in results):
-        print(f"skipped files are listed in {os.path.join(out, SKIPPED_FILE)}")
+        print(f"skipped files are listed in {os.path.join(args.out, SKIPPED_FILE)}")
 
 
 def main(argv=None) -> int:
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:  # Interrupted once writing began; a plain one while listing the inputs
         print(f"interrupted: {interrupted_line(e, args.out)}", file=sys.stderr)
         return 130
-    report(results, args.out)
+    report(results, args)
     return 0
 
 

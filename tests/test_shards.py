@@ -176,7 +176,8 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert make_shards(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: output folder already holds train shards: {tmp_path / 'out'} (pass --overwrite to replace them)"
+    assert err == (f"error: output folder already holds train shards: {tmp_path / 'out'} "
+                   "(pass --overwrite to replace them)")
     assert make_shards(args + ["--overwrite", "--shard-size", "1"]) == 0
     assert "train: 6 written in 6 shards, 0 skipped" in capsys.readouterr().out
 
