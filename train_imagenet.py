@@ -49,7 +49,7 @@ from pathlib import Path
 from data import DataError
 from engine import console
 from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
-                            steps_per_epoch)
+                            settle_workers, steps_per_epoch)
 from engine.checkpoints import Progress
 from engine.config import parse_config
 from engine.continuation import continue_epoch
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     adopt_slurm_ranks()
     stop = StopRequest()  # first: a SIGTERM during start-up would otherwise kill the process
     accelerator = make_accelerator(cfg.runtime, grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed)
+    cfg = settle_workers(cfg)  # the cores per process are known once the ranks are
     try:
         code = evaluate_only(cfg, accelerator) if cfg.run.evaluate else train(cfg, accelerator, stop)
     except DataError as e:  # an unreadable shard, too many corrupt samples: one line naming it

@@ -12,3 +12,18 @@ class DataError(Exception):
 
 class OutputExists(DataError):
     """The output folder already holds shards, and the caller did not ask to overwrite them."""
+
+
+class FlatFolder(DataError):
+    """A class-folder tree was expected and the folder holds images directly: it needs a label file."""
+
+    split = None  # the split whose folder it is, where the caller knows
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the writer: which splits are complete in the output, and which were not written
+    (nothing of those is left: their staged shards are removed, any earlier shards of theirs kept)."""
+
+    def __init__(self, out, complete: list[str], missing: list[str]):
+        super().__init__(f"{', '.join(complete) or 'no split'} complete in {out}; not written: {', '.join(missing)}")
+        self.out, self.complete, self.missing = out, complete, missing

@@ -3,6 +3,9 @@ batches made on the device), and uint8 batch -> normalised float tensors with er
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +13,7 @@ import torch
 from data import TrainAugment, build_train_loader, build_val_loader, resolve_shards
 
 from . import console
-from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
+from .options import MAX_DEFAULT_WORKERS, AugmentConfig, Config, DataConfig, EvalConfig, ResolutionConfig
 from .runtime import from_main, local_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,6 +59,27 @@ class Batches:
     prep: "DeviceBatch"
     steps_per_epoch: int
     resolution: ResolutionSchedule
+
+
+def cores_per_process() -> int:
+    """The cores this process may use, shared with the other training processes of its node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size())
+
+
+def settle_workers(cfg: Config) -> Config:
+    """``cfg`` with --workers decided: by default what this process's share of the cores allows; a larger
+    number asked for is said once, in our words, and torch's multi-line warning (once per loader) silenced."""
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    share = cores_per_process()
+    if cfg.data.workers is None:
+        workers = min(MAX_DEFAULT_WORKERS, share)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    if cfg.data.workers > share:
+        console.warn(f"--workers {cfg.data.workers} is more than the {share} core(s) of this process "
+                     f"({local_world_size()} training process(es) on this node); the loaders may compete with "
+                     f"training for them (by default --workers follows the cores)")
+    return cfg
 
 
 def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: ResolutionSchedule, *,

@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -130,7 +131,34 @@ def allow_a_graph_per_size(sizes: int) -> None:
     evaluation's shapes (full and last batch, model and EMA)."""
     import torch._dynamo
 
+    quiet_cuda_probe()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, sizes + 4)
+
+
+def quiet_cuda_probe() -> None:
+    """Inductor probes for CUDA on a CPU-only machine and says so ("No CUDA runtime is found, using
+    CUDA_HOME=..."): noise to a CPU run, whose compile CompileNotice's lines announce."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+class CompileNotice:
+    """--compile: the first step waits for the compiler (a minute on a CPU) with no other sign of life; say that
+    it is compiling, and when it is done."""
+
+    def __init__(self, enabled: bool):
+        self.state, self.started = ("waiting" if enabled else "done"), 0.0
+
+    def before_step(self) -> None:
+        if self.state == "waiting":
+            console.say("compiling the model (torch.compile, inductor): the first step waits for it")
+            self.state, self.started = "compiling", time.monotonic()
+
+    def after_step(self) -> None:
+        if self.state == "compiling":
+            console.say(f"compiled in {time.monotonic() - self.started:.0f} s; training")
+            self.state = "done"
 
 
 def from_main(accelerator, read):
