@@ -189,6 +189,8 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
     import torchvision
     import webdataset
 
+    from data.transforms import train_decoder
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=True))
     info = {
@@ -196,6 +198,8 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
         "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
         "host": socket.gethostname(), "ranks": RANKS, "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},
+        "decoder": "none (synthetic data)" if cfg.data.synthetic else
+                   train_decoder(cfg.data.decode, bool(cfg.augment.auto_augment or cfg.augment.color_jitter)),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
