@@ -118,9 +118,9 @@ def decode_only(pool, blobs: list[bytes], workers: int) -> tuple[float, float, f
 
 def decode_batched(blobs: list[bytes], device: str, batch: int) -> tuple[float, float, float, float]:
     """(e): the loader's one-call decode (data/device_decode.py) of ``batch`` JPEGs at a time on ``device``."""
-    from data.device_decode import jpeg_decoder
+    from data.device_decode import device_jpeg_decoder
 
-    _, decode = jpeg_decoder()
+    _, decode = device_jpeg_decoder(torch.device(device))
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(tensors), batch):

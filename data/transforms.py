@@ -197,17 +197,19 @@ def train_transform(image_size: int, augment: TrainAugment):
     return tf
 
 
-def train_decoder(decode: str, pil_only: bool) -> str:
+def train_decoder(decode: str, pil_only: bool, device_decoder: str | None = None) -> str:
     """Which decoder the training images go through, in words, for the run's record (engine's run_info.json).
     ``decode``: 'cpu' or 'device'; ``pil_only``: a PIL-only transform (auto-augment, colour jitter) follows
-    the crop, so the workers decode with PIL."""
+    the crop, so the workers decode with PIL; ``device_decoder``: the loader's, with decode='device'."""
     workers = ("PIL (draft for large crops), for the PIL-only transforms after the crop" if pil_only
                else region_decode.describe())
     if decode != "device":
         return f"in the loader workers: {workers}"
-    from .device_decode import jpeg_decoder  # it imports this module
+    if device_decoder is None:
+        from .device_decode import jpeg_decoder  # it imports this module
 
-    return f"on the device: {jpeg_decoder()[0]} decode_jpeg, one call per batch; what it does not take: {workers}"
+        device_decoder = jpeg_decoder()[0]
+    return f"on the device: {device_decoder}, one call per batch; what it does not take: {workers}"
 
 
 def val_transform(image_size: int, crop_pct: float, resize: int | None = None, interpolation: str = "bilinear"):

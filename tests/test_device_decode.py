@@ -236,6 +236,31 @@ def test_the_tail_after_decoding_is_a_few_calls_per_batch_not_per_image():
     assert small <= 8 * 3 + 12  # and about ten for the batch
 
 
+def test_nvimgcodec_gpu_decoder_that_cannot_load_gives_way_with_one_line_saying_why(monkeypatch, caplog):
+    """On the CPU the device decoder is jpeg_decoder's; asked for CUDA where nvImageCodec's GPU backend cannot load
+    (here: no GPU, no driver) it falls back to it with one warning, and the run goes on."""
+    from data import region_decode
+
+    assert data.device_decode.device_jpeg_decoder(torch.device("cpu"))[0] in ("torchcodec", "torchvision")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: its decoder loads (the nvJPEG test below)")
+    monkeypatch.setattr(region_decode, "available", lambda: True)  # installed or not: the GPU part must fail here
+    with caplog.at_level(logging.WARNING, logger="data.device_decode"):
+        name, decode = data.device_decode.device_jpeg_decoder(torch.device("cuda"))
+    assert name == data.device_decode.jpeg_decoder()[0]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "nvImageCodec's GPU decoder is not used" in lines[0] and name in lines[0], lines
+
+
+def test_the_gpu_decoder_is_checked_on_a_probe_image_against_libjpeg_turbo():
+    """nvImageCodec without the nvJPEG of its CUDA version refuses every image; a decoder that returns wrong
+    pixels must not be used either."""
+    cpu = data.device_decode._torchvision_decoder()
+    data.device_decode._probe(cpu, torch.device("cpu"))  # libjpeg-turbo itself passes
+    with pytest.raises(RuntimeError, match="differs"):
+        data.device_decode._probe(lambda datas, device: [255 - x for x in cpu(datas, device)], torch.device("cpu"))
+
+
 def test_torchcodec_decodes_where_it_is_installed_and_torchvision_elsewhere(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # not installed: its import fails
     assert data.device_decode.jpeg_decoder()[0] == "torchvision"

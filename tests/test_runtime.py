@@ -43,6 +43,9 @@ def test_run_info_says_which_decoder_the_training_images_go_through(tmp_path, de
     decoder = json.loads((tmp_path / "run_info.json").read_text())["decoder"]
     assert decoder.startswith(expected)
     assert ("region decode" in decoder) == (region_decode.available() and not augment)
+    if decode == "device":  # the name of the decoder the loader's device decoder chose
+        write_run_info(cfg, one_process(), tmp_path, SimpleNamespace(device_decoder="nvimgcodec"))
+        assert json.loads((tmp_path / "run_info.json").read_text())["decoder"].startswith("on the device: nvimgcodec")
 
 
 def test_each_rank_draws_its_own_mixup_and_erasing_and_the_same_rank_the_same():
