@@ -265,6 +265,10 @@ A, B, B0, C, D = ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 
 
 def run(args) -> None:
     torch.set_num_threads(1)
+    if args.no_nvimgcodec_gpu:  # bench only: (d) and (e) with the decoders they had before nvImageCodec's
+        import data.device_decode
+
+        data.device_decode.device_jpeg_decoder = lambda device: data.device_decode.jpeg_decoder()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_loader_"))
     folder, files = prepare(args, work, args.workers)
     if args.rounds:
@@ -358,6 +362,8 @@ def main(argv=None) -> None:
                    help="also time region decoding against PIL's draft decode for crops of 2x and 4x the output")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where (d) and (e) decode (default: cuda when there is a GPU)")
+    p.add_argument("--no-nvimgcodec-gpu", action="store_true",
+                   help="(d) and (e) decode with TorchCodec or torchvision even where nvImageCodec's GPU decoder loads")
     p.add_argument("--decode-procs", type=int, nargs="*", default=[], metavar="N",
                    help="also run (d) in N processes at once, for each N (e.g. 1 2 4 on a GPU)")
     p.add_argument("--decode-images", type=int, default=8192,
