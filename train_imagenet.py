@@ -108,7 +108,7 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     fit = Fit(cfg.flat(), learner.card, out)
     progress = resume_from(accelerator, cfg.run.resume, out, learner, fit) if cfg.run.resume else Progress()
     continue_epoch(progress, loader)
-    write_run_info(cfg, accelerator, out)
+    write_run_info(cfg, accelerator, out, loader)
     monitor = Monitor(out, enabled=accelerator.is_main_process, resume_step=progress.global_step,
                       hparams=cfg.flat(), workers=cfg.data.workers, log_every=cfg.run.log_every)
     console.say(f"{cfg.model.arch}: {steps} steps/epoch x {cfg.schedule.epochs} epochs, global batch "

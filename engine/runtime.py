@@ -207,15 +207,17 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_run_info(cfg: Config, accelerator, out: Path) -> None:
+def write_run_info(cfg: Config, accelerator, out: Path, loader=None) -> None:
     """The resolved configuration (itself a recipe: `--config config.yaml` runs it again) and what
-    produced it, next to the run's outputs."""
+    produced it, next to the run's outputs; ``loader``: the training loader, whose decoder it names."""
     if not accelerator.is_main_process:
         return
     import accelerate
     import timm
     import torchvision
     import webdataset
+
+    from data.transforms import train_decoder
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=True))
@@ -224,6 +226,9 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
         "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
         "host": socket.gethostname(), "ranks": RANKS, "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},
+        "decoder": "none (synthetic data)" if cfg.data.synthetic else
+                   train_decoder(cfg.data.decode, bool(cfg.augment.auto_augment or cfg.augment.color_jitter),
+                                 getattr(loader, "device_decoder", None)),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
