@@ -18,10 +18,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 # --overwrite: each make demo is a fresh run (a run directory otherwise refuses a second run)
+# every value accelerate launch would otherwise fill in itself, with a block of warnings on the first screen
+THREADS := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+
 demo: $(STAMP)
 	$(PY) -m data.digits demo_data
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_imagenet.py --config launch/configs/digits_demo.yaml --overwrite
+		--num_cpu_threads_per_process $(THREADS) train_imagenet.py --config launch/configs/digits_demo.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -50,7 +50,7 @@ from data import DataError
 from data.errors import DataOutage
 from engine import console
 from engine.batches import (Batches, DeviceBatch, ResolutionSchedule, open_train_loader, open_val_loader,
-                            shard_reads, steps_per_epoch)
+                            settle_workers, shard_reads, steps_per_epoch)
 from engine.checkpoints import Progress
 from engine.config import parse_config
 from engine.continuation import continue_epoch
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     adopt_slurm_ranks()
     stop = StopRequest()  # first: a SIGTERM during start-up would otherwise kill the process
     accelerator = make_accelerator(cfg.runtime, grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed)
+    cfg = settle_workers(cfg)  # the cores per process are known once the ranks are
     try:
         code = evaluate_only(cfg, accelerator) if cfg.run.evaluate else train(cfg, accelerator, stop)
     except DataOutage as e:  # the shard store is down before training began: nothing to save, requeue
@@ -111,7 +112,7 @@ def train(cfg: Config, accelerator, stop: StopRequest) -> int:
     fit = Fit(cfg.flat(), learner.card, out)
     progress = resume_from(accelerator, cfg.run.resume, out, learner, fit) if cfg.run.resume else Progress()
     continue_epoch(progress, loader)
-    write_run_info(cfg, accelerator, out)
+    write_run_info(cfg, accelerator, out, loader)
     monitor = Monitor(out, enabled=accelerator.is_main_process, resume_step=progress.global_step,
                       hparams=cfg.flat(), workers=cfg.data.workers, log_every=cfg.run.log_every)
     console.say(f"{cfg.model.arch}: {steps} steps/epoch x {cfg.schedule.epochs} epochs, global batch "

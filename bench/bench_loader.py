@@ -10,9 +10,11 @@ images/s on the wall clock, and images per CPU-second summed over the main proce
 workers ("per core"; it holds up on a shared machine where the wall clock does not):
 
   (a) decode only: PIL decodes each JPEG in full and converts to RGB, N processes (the usual limit)
-  (b) ours: shards -> train loader (RandomResizedCrop 224 + flip, uint8 batches), N workers; also
-      with timm's PIL crop in place of ours, with the DataLoader's own worker -> main hand-off in
-      place of our batch buffers, on shards re-encoded with --max-side, and (a) for those
+  (b) ours: shards -> train loader (RandomResizedCrop 224 + flip, uint8 batches), N workers, decoding
+      only the crop box where nvImageCodec is installed (data/region_decode.py); also without that
+      (whole images, as before), with timm's PIL crop in place of ours, with the DataLoader's own
+      worker -> main hand-off in place of our batch buffers, on shards re-encoded with --max-side,
+      and (a) for those
   (c) torchvision ImageFolder + DataLoader, RandomResizedCrop 224, flip, ToTensor, Normalize, N workers
   (d) ours with decode_on=--device (the trainer's --decode device): the workers plan crops, the main
       process decodes each batch in one call on the device (nvJPEG on a GPU) and crops there
@@ -23,7 +25,9 @@ is to move the decode off the workers, and on a GPU off the CPU. With --decode-p
 then runs (d) in that many processes at once, each with workers/N workers, sharing the GPU's decoder, as
 training processes on one GPU would, and prints their summed images/s.
 
-With --stages it also prints where (b)'s CPU time goes: each stage alone, in this process.
+With --draft, where PIL's reduced-scale draft decode still beats a region decode (crop / output size bands).
+With --stages it also prints where (b)'s CPU time goes: each stage alone, in this process
+(bench/loader_stages.py).
 
 Not a test: it prints Markdown tables for docs/benchmarks.md.
 """
@@ -45,8 +49,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import build_train_loader
-from data.shards import WriterConfig, write_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.loader_stages import draft_against_region, stage_costs  # noqa: E402
+from data import build_train_loader  # noqa: E402
+from data.shards import WriterConfig, write_dataset  # noqa: E402
 
 
 def make_photos(root: Path, n: int, classes: int = 10) -> None:
@@ -111,9 +118,9 @@ def decode_only(pool, blobs: list[bytes], workers: int) -> tuple[float, float, f
 
 def decode_batched(blobs: list[bytes], device: str, batch: int) -> tuple[float, float, float, float]:
     """(e): the loader's one-call decode (data/device_decode.py) of ``batch`` JPEGs at a time on ``device``."""
-    from data.device_decode import jpeg_decoder
+    from data.device_decode import device_jpeg_decoder
 
-    _, decode = jpeg_decoder()
+    _, decode = device_jpeg_decoder(torch.device(device))
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(tensors), batch):
@@ -239,77 +246,52 @@ def _timm_crop(loader):
     return loader
 
 
+def _without_region_decode(loader):
+    """The same loader decoding whole images, as before data/region_decode.py (its crop's switch off)."""
+    loader._loader.dataset.transform(224).transforms[0].region_decode = False  # bench only: before the workers start
+    return loader
+
+
 def _without_buffers(loader):
     """The same loader sending batches the DataLoader's way (a new shared-memory segment per batch)."""
     loader._loader.dataset.buffers = None  # bench only: before the workers start
     return loader
 
 
-def stage_costs(shards: Path, reps: int = 3) -> dict[str, float]:
-    """CPU milliseconds per image of each stage of (b), alone, in this process (best of ``reps``)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    from data.shard_reader import read_shard
-    from data.transforms import TrainAugment, _decode_jpeg, resize_crop, train_transform
-
-    urls = sorted(str(p) for p in shards.glob("train-*.tar"))
-    blobs = [s["jpg"] for u in urls for s in read_shard(u)]
-    decoded = [_decode_jpeg(b) for b in blobs[:20]]
-    tf = train_transform(224, TrainAugment())
-    crop = tf.transforms[0]
-
-    def wds_read():
-        for u in urls:
-            with open(u, "rb") as f:
-                yield from group_by_keys({**m, "__url__": u} for m in tar_file_iterator(f))
-
-    boxes = [crop.get_params(decoded[k % len(decoded)], crop.scale, crop.ratio) for k in range(len(blobs))]
-
-    def resize_all() -> int:  # real random crops, from already decoded images
-        for k, box in enumerate(boxes):
-            resize_crop(decoded[k % len(decoded)], box, (224, 224))
-        return len(boxes)
-
-    def pil_load(b: bytes) -> None:  # (a) without its copy: convert("RGB") copies an RGB image
-        with Image.open(io.BytesIO(b)) as img:
-            img.load()
-
-    def each(fn):  # results are dropped at once, as in a loader (keeping them all would add page faults)
-        def stage() -> int:
-            for b in blobs:
-                fn(b)
-            return len(blobs)
-        return stage
-
-    stages = {
-        "read tar shards, webdataset's reader (tarfile)": lambda: sum(1 for _ in wds_read()),
-        "read tar shards, ours (data/tarstream.py)": lambda: sum(1 for u in urls for _ in read_shard(u)),
-        "PIL decode to RGB, as (a) (and torchvision's pil_loader)": each(lambda b: _decode_chunk([b])),
-        "PIL decode, load() only": each(pil_load),
-        "torchvision decode_jpeg (libjpeg-turbo)": each(_decode_jpeg),
-        "crop + antialiased uint8 resize to 224, channels_last (torch)": resize_all,
-        "whole per-image transform (decode, crop, resize, flip)": each(tf),
-    }
-    costs = {}
-    for name, stage in stages.items():
-        best = float("inf")
-        for _ in range(reps):
-            cpu = time.process_time()
-            n = stage()
-            best = min(best, (time.process_time() - cpu) / n * 1e3)
-        costs[name] = best
-    return costs
-
-
-A, B, C, D = ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 batch",
-              "(c) torchvision ImageFolder + DataLoader", "(d) ours, decoding on the device")
+A, B, B0, C, D = ("(a) decode only, PIL, full size", "(b) ours: shards -> uint8 batch",
+                  "(b) ours without region decoding (before issue 19)", "(c) torchvision ImageFolder + DataLoader",
+                  "(d) ours, decoding on the device")
 
 
 def run(args) -> None:
-    workers = args.workers
     torch.set_num_threads(1)
+    if args.no_nvimgcodec_gpu:  # bench only: (d) and (e) with the decoders they had before nvImageCodec's
+        import data.device_decode
+
+        data.device_decode.device_jpeg_decoder = lambda device: data.device_decode.jpeg_decoder()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_loader_"))
-    folder, files = prepare(args, work, workers)
+    folder, files = prepare(args, work, args.workers)
+    if args.rounds:
+        compare(args, work, folder, files)
+    if args.decode_procs:
+        print("\n| (d) processes sharing the device | images/s, summed |\n|---:|---:|")
+        for procs, rate in decode_procs(work / "shards", args).items():
+            print(f"| {procs} | {rate:.0f} |")
+    if args.stages:
+        print("\n| stage of (b), alone, one process | CPU ms per image |")
+        print("|---|---:|")
+        for name, ms in stage_costs(work / "shards").items():  # bench/loader_stages.py
+            print(f"| {name} | {ms:.3f} |")
+    if args.draft:
+        print("\n| photos, output size, crop / output | images | region decode + resize | PIL draft + resize |")
+        print("|---|---:|---:|---:|")
+        for name, n, region, draft in draft_against_region(files):
+            print(f"| {name} | {n} | {region:.3f} | {draft:.3f} |")
+
+
+def compare(args, work: Path, folder: Path, files: list[Path]) -> None:
+    """The pipelines side by side, in interleaved rounds: the table and the target ratios."""
+    workers = args.workers
     originals, smalls = [f.read_bytes() for f in files], _shard_jpegs(work / "shards_small")
     pool = multiprocessing.Pool(workers)
     ours = lambda shards: build_train_loader(shards, batch_size=args.batch_size, num_workers=workers,  # noqa: E731
@@ -318,6 +300,7 @@ def run(args) -> None:
         A: lambda: decode_only(pool, originals, workers),
         f"(a') decode only, PIL, --max-side {args.max_side}": lambda: decode_only(pool, smalls, workers),
         B: ours(work / "shards"),
+        B0: _without_region_decode(ours(work / "shards")),
         "(b) ours with timm's RandomResizedCrop (PIL)": _timm_crop(ours(work / "shards")),
         "(b) ours with the DataLoader's own hand-off": _without_buffers(ours(work / "shards")),
         f"(b) ours, shards with --max-side {args.max_side}": ours(work / "shards_small"),
@@ -329,7 +312,7 @@ def run(args) -> None:
     for case in cases.values():  # warm-up: start persistent workers, fill caches
         case() if callable(case) else loader_rate(case, args.device)
     rates = {name: [] for name in cases}
-    order = [A, B, C] + [k for k in cases if k not in (A, B, C)]  # the three of the targets back to back
+    order = [A, B, B0, C] + [k for k in cases if k not in (A, B, B0, C)]  # those of the targets back to back
     for _ in range(args.rounds):
         for name in order:
             case = cases[name]
@@ -338,20 +321,13 @@ def run(args) -> None:
     report(args, files, originals, smalls, median, workers)
     # Each round's own ratio, then the median and range over rounds: a slow spell of the machine
     # hits the cases of one round alike, where it would skew a ratio of medians taken apart.
-    a, b, c = (rates[k] for k in (A, B, C))
-    for name, num, den, target in (("(b)/(a)", b, a, 0.8), ("(b)/(c)", b, c, 1.6)):
+    a, b, b0, c = (rates[k] for k in (A, B, B0, C))
+    for name, num, den, target in (("(b)/(a)", b, a, 1.0), ("(b)/(c)", b, c, 1.6),
+                                   ("(b)/(a) before: no region decoding", b0, a, 0.8),
+                                   ("(b)/(c) before: no region decoding", b0, c, 1.6)):
         ratios = [x[1] / y[1] for x, y in zip(num, den)]
         print(f"{name} per core, per round: median {statistics.median(ratios):.2f}, range "
               f"{min(ratios):.2f}-{max(ratios):.2f} (target >= {target})")
-    if args.decode_procs:
-        print("\n| (d) processes sharing the device | images/s, summed |\n|---:|---:|")
-        for procs, rate in decode_procs(work / "shards", args).items():
-            print(f"| {procs} | {rate:.0f} |")
-    if args.stages:
-        print("\n| stage of (b), alone, one process | CPU ms per image |")
-        print("|---|---:|")
-        for name, ms in stage_costs(work / "shards").items():
-            print(f"| {name} | {ms:.3f} |")
 
 
 def report(args, files, originals, smalls, rate: dict, workers: int) -> None:
@@ -379,11 +355,15 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="loader workers (default: cores)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-side", type=int, default=320, help="re-encoding size to compare (default 320)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the comparison (0: only the extras below)")
     p.add_argument("--work", help="folder for images and shards (default: a new temporary folder)")
     p.add_argument("--stages", action="store_true", help="also time each stage of (b) alone")
+    p.add_argument("--draft", action="store_true",
+                   help="also time region decoding against PIL's draft decode for crops of 2x and 4x the output")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where (d) and (e) decode (default: cuda when there is a GPU)")
+    p.add_argument("--no-nvimgcodec-gpu", action="store_true",
+                   help="(d) and (e) decode with TorchCodec or torchvision even where nvImageCodec's GPU decoder loads")
     p.add_argument("--decode-procs", type=int, nargs="*", default=[], metavar="N",
                    help="also run (d) in N processes at once, for each N (e.g. 1 2 4 on a GPU)")
     p.add_argument("--decode-images", type=int, default=8192,

@@ -1,6 +1,7 @@
 """ImageNet as WebDataset shards: the writer (``data.shards``, CLI ``python -m data.make_shards``), the training
-loader (``data.pipeline``), the validation loader (``data.validation``) and decoding on the device
-(``data.device_decode``). Imports nothing from the model or the trainer."""
+loader (``data.pipeline``), the validation loader (``data.validation``), decoding only the crop box in the
+workers (``data.region_decode``) and decoding on the device (``data.device_decode``). Imports nothing from
+the model or the trainer."""
 
 from .errors import DataError
 

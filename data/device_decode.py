@@ -4,9 +4,10 @@ and flipped there.
 The workers still read, shuffle and batch the shards (data/pipeline.py) and draw each image's crop box and
 flip from its JPEG header with the same per-batch seeding as the CPU path (``transforms.PlanCrop``); they
 ship the undecoded bytes and those draws as an ``EncodedBatch``. ``DeviceDecoder`` decodes all of a
-batch's JPEGs in one call (nvJPEG on a GPU, libjpeg-turbo on the CPU: one code path, which is how the
-CPU-only test suite checks it), cuts each crop, resizes it with antialiasing and flips it, into the same uint8
-``[B, 3, H, W]`` channels_last batch that the CPU path makes. ``decode_ahead`` runs that one to two batches
+batch's JPEGs in one call (nvJPEG on a GPU, through nvImageCodec where its GPU backend loads, else TorchCodec or
+torchvision; libjpeg-turbo on the CPU: one code path, which is how the CPU-only test suite checks it), cuts
+each crop, resizes it with antialiasing and flips it, into the same uint8 ``[B, 3, H, W]`` channels_last batch
+that the CPU path makes. ``decode_ahead`` runs that one to two batches
 ahead of the training step in a thread (the decoders release the GIL), on a side CUDA stream.
 
 Images the device does not get (greyscale or CMYK JPEGs, PNG bytes named .jpg, truncated files) are decoded by
@@ -68,6 +69,70 @@ def jpeg_decoder():
     return "torchcodec", lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
 
 
+def _nvimgcodec_gpu_decoder(device: torch.device):
+    """nvImageCodec's batched GPU decoder (nvJPEG: its hardware engine where the GPU has one, else CUDA) as a
+    ``decode`` like jpeg_decoder's, checked on a probe image; raises RuntimeError saying why it cannot be used."""
+    from . import region_decode
+
+    nv = region_decode.nvimgcodec()
+    backends = [nv.Backend(kind) for kind in (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY,
+                                                nv.BackendKind.HYBRID_CPU_GPU)]
+    decoder = nv.Decoder(device_id=device.index if device.index is not None else torch.cuda.current_device(),
+                         backends=backends)
+    params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                             sample_format=nv.SampleFormat.I_RGB)
+
+    def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        stream = torch.cuda.current_stream(device)
+        images = decoder.decode([nv.CodeStream(d.numpy()) for d in datas], params=params,
+                                cuda_stream=stream.cuda_stream)
+        if any(image is None for image in images):  # what it cannot decode: one by one, then on the CPU
+            raise RuntimeError("nvImageCodec could not decode an image of the batch")
+        return [torch.from_dlpack(image).permute(2, 0, 1) for image in images]  # HWC memory, as nvJPEG's
+
+    _probe(decode, device)
+    return decode
+
+
+def _probe(decode, device: torch.device) -> None:
+    """Decode a small photo-like JPEG with ``decode`` and compare it with libjpeg-turbo's decode on the CPU: its
+    GPU backend needs the nvJPEG library of the CUDA major version its wheel was built for, and without it every
+    image comes back refused."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    pixels = np.clip(np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3) + rng.normal(0, 8, (48, 64, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    expected = _torchvision_decoder()([data], torch.device("cpu"))[0]
+    try:
+        got = decode([data], device)[0].cpu()
+    except RuntimeError as e:
+        raise RuntimeError(f"it refused a probe image ({e}); is the nvJPEG wheel of its CUDA version installed?")
+    if got.shape != expected.shape or (got.float() - expected.float()).abs().mean() > 2:
+        raise RuntimeError("its decode of a probe image differs from libjpeg-turbo's")
+
+
+def device_jpeg_decoder(device: torch.device):
+    """(name, decode) for ``device``: on a GPU nvImageCodec's batched decoder where it is installed and its GPU
+    backend loads (one line says why not otherwise), then jpeg_decoder's."""
+    from . import region_decode
+
+    if device.type == "cuda" and region_decode.available():
+        try:
+            return "nvimgcodec", _nvimgcodec_gpu_decoder(device)
+        except Exception as e:  # no nvJPEG for its CUDA version, no driver...: each raises its own way
+            name, decode = jpeg_decoder()
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            log.warning("--decode device: nvImageCodec's GPU decoder is not used (%s); decoding with %s", reason, name)
+            return name, decode
+    return jpeg_decoder()
+
+
 @dataclass
 class EncodedBatch:
     """One batch as a worker ships it in decode='device': the JPEGs end to end with what to do with each, and
@@ -127,7 +192,7 @@ class DeviceDecoder:
 
     def __init__(self, device, counter, *, train: bool):
         self.device, self.counter, self.train = torch.device(device), counter, train
-        self.backend, self._decode = jpeg_decoder()
+        self.backend, self._decode = device_jpeg_decoder(self.device)
         self.cpu_fallbacks = 0  # images decoded on the CPU: by a worker, or here after the device refused them
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +203,16 @@ class DeviceDecoder:
             out[batch.decoded_index.to(self.device)] = batch.decoded.to(self.device, non_blocking=True)
             self.cpu_fallbacks += len(batch.decoded_index)
         plans = zip(batch.index.tolist(), batch.boxes.tolist(), batch.flips.tolist(), batch.modes.tolist())
+        crops, places, flips = [], [], []
         for image, (place, box, flip, mode) in zip(self.decode_all(batch), plans):
             if image is None:
                 good[place] = False
             else:
-                out[place] = self.finish(image, batch, box, flip, _MODES[mode])
+                crops.append(self.finish(image, batch, box, _MODES[mode]))
+                places.append(place)
+                flips.append(flip)
+        if crops:
+            self.place(out, crops, places, flips)
         labels = batch.labels.to(self.device, non_blocking=True)
         if good.all():
             return out, labels
@@ -181,13 +251,24 @@ class DeviceDecoder:
         return image.to(self.device)
 
     @staticmethod
-    def finish(image: torch.Tensor, batch: EncodedBatch, box: list[int], flip: bool, mode: str) -> torch.Tensor:
-        """One decoded image -> its [3, size, size] crop, resized and flipped as the CPU path does."""
+    def finish(image: torch.Tensor, batch: EncodedBatch, box: list[int], mode: str) -> torch.Tensor:
+        """One decoded image -> its [3, size, size] crop, resized as the CPU path does (flipped in ``place``)."""
         s, mode = batch.size, F2.InterpolationMode(mode)
         if batch.resize:  # validation: shorter side to `resize`, then the centre crop
             return F2.center_crop(F2.resize(image, [batch.resize], interpolation=mode, antialias=True), [s, s])
-        crop = resize_crop(image, tuple(box), (s, s), mode)
-        return crop.flip(-1) if flip else crop
+        return resize_crop(image, tuple(box), (s, s), mode)
+
+    def place(self, out: torch.Tensor, crops: list[torch.Tensor], places: list[int], flips: list[bool]) -> None:
+        """The crops into their places in ``out``, those drawn so flipped, in a handful of calls for the batch
+        rather than a few per image: on a GPU each call is a kernel launched from one Python thread."""
+        stacked = torch.stack(crops)
+        if any(flips):
+            flipped = torch.tensor([k for k, f in enumerate(flips) if f], device=self.device)
+            stacked.index_copy_(0, flipped, stacked.index_select(0, flipped).flip(-1))
+        if places == list(range(len(out))):
+            out.copy_(stacked)
+        else:
+            out[torch.tensor(places, device=self.device)] = stacked
 
 
 def decode_ahead(batches, decoder: DeviceDecoder, depth: int = 2):

@@ -201,6 +201,11 @@ class SampleAccounting:
         return self._counter.bad
 
     @property
+    def device_decoder(self) -> str | None:
+        """decode_on: the name of the decoder the device uses (device_decode.device_jpeg_decoder); else None."""
+        return self._decoder.backend if self._decoder else None
+
+    @property
     def cpu_fallbacks(self) -> int:
         """decode_on: images decoded on the CPU so far instead (see data/device_decode.py)."""
         return self._decoder.cpu_fallbacks if self._decoder else 0

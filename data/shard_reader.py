@@ -59,19 +59,27 @@ class _SampleCounter:
 
 def read_samples(url: str, indices: list[int], expected: int, reads: ShardReads | None = None):
     """(index, sample) for the samples numbered ``indices`` (sorted, within the shard's ``expected`` count),
-    in order; the others' data is never read, and reading stops after the last one."""
+    in order; the others' data is never read, and reading stops after the last one. A shard holding another
+    count than its manifest lists is an error: fewer is found where a sample is missing; more, by the reader
+    whose run ends at the shard's end, which looks one sample further (its headers only)."""
     if not indices:
         return
     chosen, last, name = set(indices), indices[-1], redact(url)
+    stop = last if last < expected - 1 else expected  # look past the end: one more sample there is one too many
+    i = -1
     try:
         with (reads or default_reads()).open(url) as stream:
             for i, sample in enumerate(group_by_keys(tar_members(stream, name, _SampleCounter(chosen)))):
+                if i == expected:
+                    raise DataError(f"shard {name} holds more samples than the {expected} its manifest lists")
                 if i in chosen:
                     yield i, sample
-                if i >= last:
+                if i >= stop:
                     return
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         raise DataError(f"cannot read shard {name}: {e}") from None
+    if i == last == expected - 1:  # the shard ended right after its last listed sample
+        return
     raise DataError(f"shard {name} holds fewer samples than the {expected} its manifest lists")
 
 

@@ -6,7 +6,9 @@ Output layout (the reader in ``data.pipeline`` and timm's ``wds/`` reader both r
     OUT/val-000000.tar ...     samples in sorted file order
     OUT/_info.json             per split: num_samples, filenames, shard_lengths (timm's layout), num_skipped
     OUT/classes.txt            one synset per line; class index = line number = sorted synset order
-    OUT/skipped.txt            one ``split<TAB>path<TAB>reason`` line per input file that was not written
+    OUT/skipped.jsonl          one JSON object (split, path, reason) per line, per input file not written
+
+A split is staged and moved in whole (data/shard_folder.py): writing one split keeps the others.
 
 Each sample holds ``jpg`` (RGB JPEG bytes), ``cls`` (class index as ASCII digits) and ``fname.txt``
 (the file's path relative to the split's input folder, UTF-8). Keys are ``%08d`` positions in the
@@ -16,10 +18,10 @@ split's file list, so they never contain dots and never collide.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +29,15 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import DataError, OutputExists
+from .errors import DataError, FlatFolder, Interrupted
+from .layouts import class_folder_items, class_folders, flat_val_items
+from .shard_folder import (CLASSES_FILE, INFO_FILE, SKIPPED_FILE, check_output, commit_split, containing_input,
+                           create_output, discard_staging, kept_classes, staging)
 
+__all__ = ["CLASSES_FILE", "INFO_FILE", "SKIPPED_FILE", "WriterConfig", "write_dataset"]
 IMAGE_KEY = "jpg"
 LABEL_KEY = "cls"
 NAME_KEY = "fname.txt"
-INFO_FILE = "_info.json"
-CLASSES_FILE = "classes.txt"
-SKIPPED_FILE = "skipped.txt"
-SPLITS = ("train", "val")
 
 
 def describe(sample: dict) -> str:
@@ -56,6 +58,26 @@ class WriterConfig:
     max_side: int | None = None  # longest side after re-encoding; None keeps the original size
     quality: int = 90  # JPEG quality for the images that must be re-encoded
     workers: int = 1
+    keep_empty_classes: bool = False  # a class folder without files: a class (True) or left out (False)
+
+    def problem(self) -> str | None:
+        """The first value out of its range, in the words of this config's fields."""
+        for name, value in (("shard_size", self.shard_size), ("max_side", self.max_side),
+                            ("quality", self.quality), ("workers", self.workers)):
+            if value is not None and not RANGES[name][0] <= value <= RANGES[name][1]:
+                return f"{name} must be {range_text(name)}, got {value}"
+        return None
+
+
+# Inclusive bounds of the numeric settings. max_side 0 would divide by zero in PIL's thumbnail; a negative
+# one skipped every image; JPEG quality is 1..100 in PIL.
+RANGES = {"shard_size": (1, float("inf")), "max_side": (1, float("inf")), "quality": (1, 100),
+          "workers": (1, float("inf"))}
+
+
+def range_text(name: str) -> str:
+    low, high = RANGES[name]
+    return f"at least {low}" if high == float("inf") else f"between {low} and {high}"
 
 
 @dataclass
@@ -66,108 +88,11 @@ class SplitResult:
     filenames: list[str] = field(default_factory=list)
     shard_lengths: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    empty_classes: list[str] = field(default_factory=list)  # class folders left out: they hold no file
 
     @property
     def num_samples(self) -> int:
         return sum(self.shard_lengths)
-
-
-# ---------------------------------------------------------------- input layouts
-
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
-
-
-def list_classes(root: Path) -> list[str]:
-    """Sorted names of the class folders under ``root``."""
-    if not root.is_dir():
-        raise DataError(f"input folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
-    if not classes:
-        raise DataError(f"no class folders in {root} (expected {root}/<synset>/<image>)")
-    return classes
-
-
-def _files_under(root: Path) -> list[str]:
-    """Every visible file below ``root``, as sorted POSIX paths relative to it."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(root)
-        found += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
-    return sorted(found)
-
-
-def class_folder_items(root: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(relative path, class index) for every file in ``root/<class>/``, sorted by path."""
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = [c for c in list_classes(root) if c not in index]
-    if unknown:
-        raise DataError(f"{root}: class folders not among the training classes: {', '.join(unknown[:5])}")
-    return [(rel, index[rel.split("/", 1)[0]]) for rel in _files_under(root) if "/" in rel]
-
-
-def _devkit_wnids(labels_file: Path) -> dict[int, str]:
-    """ILSVRC2012_ID -> synset, from the devkit's meta.mat beside the ground-truth file."""
-    meta = labels_file.parent / "meta.mat"
-    if not meta.is_file():
-        raise DataError(f"{labels_file} holds devkit label ids; their synsets come from {meta}, which is missing")
-    try:
-        from scipy import io as sio
-    except ImportError:
-        raise DataError(f"reading {meta} needs scipy (pip install scipy)") from None
-    synsets = sio.loadmat(str(meta), squeeze_me=True)["synsets"]
-    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-
-
-def _parse_label(token: str, classes: list[str], where: str) -> int:
-    """A label is a synset name or a 0-based index in sorted synset order (Caffe's val.txt)."""
-    if token in classes:
-        return classes.index(token)
-    if token.isdigit() and int(token) < len(classes):
-        return int(token)
-    raise DataError(f"{where}: label {token!r} is neither a known synset nor an index below {len(classes)}")
-
-
-def _label_lines(labels_file: Path) -> list[tuple[str | None, str]]:
-    """(file name or None, label token) per line of a validation label file, in any of its formats."""
-    lines = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
-    if lines and lines[0].replace(" ", "") == "ImageId,PredictionString":  # Kaggle's LOC_val_solution.csv
-        return [(name, boxes.split()[0]) for name, boxes in (ln.split(",", 1) for ln in lines[1:])]
-    rows = [ln.split() for ln in lines]
-    if rows and all(len(r) == 1 and r[0].isdigit() for r in rows):  # devkit ground truth: ids only
-        return [(None, r[0]) for r in rows]
-    if rows and all(len(r) == 2 for r in rows):
-        return [(r[0], r[1]) for r in rows]
-    raise DataError(f"{labels_file}: expected '<filename> <label>' lines, one devkit label id per line, "
-                    "or Kaggle's LOC_val_solution.csv")
-
-
-def flat_val_items(val_dir: Path, labels_file: Path, classes: list[str] | None):
-    """Items of a flat ILSVRC val folder, and the classes (from the labels when none were given).
-
-    ``labels_file``: ``<filename> <synset or 0-based index>`` lines (file names with or without
-    extension); Kaggle's LOC_val_solution.csv; or the devkit's ILSVRC2012_validation_ground_truth.txt,
-    one 1-based ILSVRC2012_ID per line for the sorted files, mapped through the meta.mat beside it.
-    Files without a label come back with label -1, for the caller to report as skipped.
-    """
-    if not labels_file.is_file():
-        raise DataError(f"label file not found: {labels_file}")
-    if not val_dir.is_dir():
-        raise DataError(f"input folder not found: {val_dir}")
-    rows, files = _label_lines(labels_file), _files_under(val_dir)
-    if rows and rows[0][0] is None:
-        wnids = _devkit_wnids(labels_file)
-        if len(rows) != len(files):
-            raise DataError(f"{labels_file}: {len(rows)} labels for {len(files)} files in {val_dir}")
-        rows = [(f, wnids.get(int(token), token)) for f, (_, token) in zip(files, rows)]
-        classes = classes or sorted(wnids.values())
-    classes = classes or sorted({token for _, token in rows})
-    file_set, by_stem = set(files), {Path(f).stem: f for f in files}
-    labels = {name if name in file_set else by_stem.get(name, name):
-              _parse_label(token, classes, f"{labels_file}:{i + 1}") for i, (name, token) in enumerate(rows)}
-    # A file named in the labels but absent from the folder fails to open and is reported as skipped.
-    return [(f, labels.get(f, -1)) for f in sorted(set(files) | set(labels))], classes
 
 
 # ---------------------------------------------------------------- one image
@@ -238,7 +163,8 @@ def _encoded_in_order(jobs: list, pool):
 
 def write_split(name: str, root: Path, items: list[tuple[str, int]], out: Path,
                 cfg: WriterConfig, pool) -> SplitResult:
-    """Encode ``items`` (relative path, label; label -1 = unlabelled) in order into ``out/name-*.tar``."""
+    """Encode ``items`` (relative path, label; label -1 = unlabelled) in order into ``out/name-*.tar``;
+    a split of which no sample could be written is an error (its first skipped file says why)."""
     result = SplitResult(name)
     counts: dict[str, int] = {}
     jobs = [(str(root / rel), cfg.max_side, cfg.quality) for rel, _ in items]
@@ -246,7 +172,8 @@ def write_split(name: str, root: Path, items: list[tuple[str, int]], out: Path,
     # mtime=0 and fixed user/group make the tar headers, and so the shards, byte-identical across runs.
     sink = wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=cfg.shard_size, maxsize=float("inf"),
                            verbose=0, encoder=False, mtime=0)
-    with sink, tqdm(total=len(items), desc=f"{name:5s}", unit="img", dynamic_ncols=True) as bar:
+    # disable=None: a bar on a terminal, none in a log file (where every redraw would be a line)
+    with sink, tqdm(total=len(items), desc=f"{name:5s}", unit="img", dynamic_ncols=True, disable=None) as bar:
         for index, ((rel, label), (jpeg, reason)) in enumerate(zip(items, encoded)):
             bar.update()
             if label < 0:
@@ -255,55 +182,31 @@ def write_split(name: str, root: Path, items: list[tuple[str, int]], out: Path,
                 result.skipped.append((str(root / rel), reason))
                 continue
             sink.write({"__key__": f"{index:08d}", IMAGE_KEY: jpeg,
-                        LABEL_KEY: str(label).encode(), NAME_KEY: rel.encode()})
+                        LABEL_KEY: str(label).encode(),
+                        NAME_KEY: rel.encode("utf-8", "surrogateescape")})  # a non-UTF-8 name: its own bytes
             shard = os.path.basename(sink.fname)
             counts[shard] = counts.get(shard, 0) + 1
     if not counts:  # ShardWriter opens its first file up front; an empty split leaves no shard behind
         (out / f"{name}-000000.tar").unlink(missing_ok=True)
     result.filenames, result.shard_lengths = list(counts), list(counts.values())
+    if not counts:
+        why = f"all {len(items)} files were skipped, the first: {result.skipped[0][0]}: {result.skipped[0][1]}" \
+            if items else "it holds no image files"
+        raise DataError(f"no {name} sample written from {root}: {why}")
     return result
 
 
 # ---------------------------------------------------------------- the whole dataset
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse to mix with earlier shards unless ``overwrite``, then remove only ours."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output path exists and is not a folder: {out}")
-    ours = [p for p in out.glob("*") if p.name in (INFO_FILE, CLASSES_FILE, SKIPPED_FILE)
-            or (p.suffix == ".tar" and p.name.split("-")[0] in SPLITS)] if out.is_dir() else []
-    if ours and not overwrite:
-        raise OutputExists(f"output folder already holds shards: {out}")
-    for p in ours:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def write_info(out: Path, classes: list[str], results: list[SplitResult], cfg: WriterConfig) -> None:
-    """Write classes.txt, skipped.txt and, last, _info.json: its presence marks a complete output."""
-    (out / CLASSES_FILE).write_text("".join(c + "\n" for c in classes))
-    (out / SKIPPED_FILE).write_text("".join(f"{r.name}\t{p}\t{why}\n" for r in results for p, why in r.skipped))
-    info = {
-        "num_classes": len(classes),
-        "keys": {"image": IMAGE_KEY, "label": LABEL_KEY, "filename": NAME_KEY},
-        "writer": {"shard_size": cfg.shard_size, "max_side": cfg.max_side, "quality": cfg.quality},
-        "splits": {r.name: {"name": r.name, "num_samples": r.num_samples, "filenames": r.filenames,
-                            "shard_lengths": r.shard_lengths, "num_skipped": len(r.skipped)}
-                   for r in results},
-    }
-    tmp = out / (INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    tmp.replace(out / INFO_FILE)
-
-
-def _split_items(train_dir, val_dir, val_labels):
-    """The classes and, per split, the (relative path, label) list to write, in output order."""
-    train_dir, val_dir = (Path(d) if d else None for d in (train_dir, val_dir))
-    if train_dir is None and val_dir is None:
-        raise DataError("nothing to do: give train_dir and/or val_dir")
-    if val_labels and val_dir is None:
-        raise DataError(f"val_labels {val_labels} needs val_dir (the flat folder it labels)")
-    classes = list_classes(train_dir) if train_dir else None
+def _split_items(train_dir, val_dir, val_labels, classes, keep_empty):
+    """The classes, per split the (relative path, label) list to write in output order, and the class
+    folders left out as empty. ``classes``: those of the splits kept in the output, if any."""
+    given, empty = classes, []
+    if train_dir:
+        classes, empty = class_folders(train_dir, keep_empty)
+        if given and classes != given:
+            raise DataError(f"the classes of {train_dir} ({len(classes)}) differ from those of the shards the "
+                            f"output keeps ({len(given)}, its {CLASSES_FILE}): write every split again")
     splits = []
     if train_dir:
         items = class_folder_items(train_dir, classes)
@@ -313,26 +216,64 @@ def _split_items(train_dir, val_dir, val_labels):
         items, classes = flat_val_items(val_dir, Path(val_labels), classes)
         splits.append(("val", val_dir, items))
     elif val_dir:
-        classes = classes or list_classes(val_dir)
+        try:
+            classes, empty = (classes, empty) if classes else class_folders(val_dir, keep_empty)
+        except FlatFolder as e:
+            e.split = "val"
+            raise
         splits.append(("val", val_dir, class_folder_items(val_dir, classes)))
-    return classes, splits
+    return classes, splits, empty
+
+
+def _check_request(out: Path, train_dir, val_dir, val_labels, cfg: WriterConfig) -> None:
+    problem = cfg.problem()
+    if problem:
+        raise DataError(problem)
+    if train_dir is None and val_dir is None:
+        raise DataError("nothing to do: give train_dir and/or val_dir")
+    if val_labels and val_dir is None:
+        raise DataError(f"val_labels {val_labels} needs val_dir (the flat folder it labels)")
+    inside = containing_input(out, {"train_dir": train_dir, "val_dir": val_dir})
+    if inside:
+        raise DataError(f"out {out} is inside {inside} {train_dir if inside == 'train_dir' else val_dir}: "
+                        "its shards would be read as input on the next run")
+
+
+def _ignore_interrupts() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them: one message, not one per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def write_dataset(out, train_dir=None, val_dir=None, val_labels=None, cfg: WriterConfig = WriterConfig(),
                   overwrite: bool = False) -> list[SplitResult]:
-    """Write the shards, class list, skipped-file report and manifest of both splits into ``out``."""
-    if cfg.shard_size < 1:
-        raise DataError(f"shard_size must be at least 1, got {cfg.shard_size}")
-    classes, splits = _split_items(train_dir, val_dir, val_labels)
+    """Write the shards of the given splits into ``out``, with the class list, skipped-file report and
+    manifest; splits already in ``out`` that are not written here are kept."""
     out = Path(out)
-    prepare_output(out, overwrite)
-    pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
+    train_dir, val_dir = (Path(d) if d else None for d in (train_dir, val_dir))
+    _check_request(out, train_dir, val_dir, val_labels, cfg)
+    names = ["train"] * bool(train_dir) + ["val"] * bool(val_dir)
+    check_output(out, names, overwrite)
+    classes, splits, empty = _split_items(train_dir, val_dir, val_labels, kept_classes(out, names)[0],
+                                          cfg.keep_empty_classes)
+    create_output(out)
+    header = {"keys": {"image": IMAGE_KEY, "label": LABEL_KEY, "filename": NAME_KEY},
+              "writer": {"shard_size": cfg.shard_size, "max_side": cfg.max_side, "quality": cfg.quality}}
+    pool = multiprocessing.Pool(cfg.workers, _ignore_interrupts) if cfg.workers > 1 else None
+    results, committed = [], []
     try:
-        results = [write_split(name, root, items, out, cfg, pool) for name, root, items in splits]
-        write_info(out, classes, results, cfg)
+        for name, root, items in splits:
+            results.append(write_split(name, root, items, staging(out, name), cfg, pool))
+            results[-1].empty_classes = empty if name == splits[0][0] else []
+            commit_split(out, results[-1], classes, header)
+            committed.append(name)
+    except KeyboardInterrupt:
+        raise Interrupted(out, committed, [n for n in names if n not in committed]) from None
     except OSError as e:  # reading inputs never raises (bad files are skipped): this is the output side
         raise DataError(f"cannot write to {out}: {e}") from None
     finally:
         if pool:
             pool.terminate()
+        discard_staging(out, names)
     return results
+
+

@@ -3,13 +3,16 @@
 Both transforms take the undecoded image bytes of a sample and return a ``torch.uint8`` CHW tensor
 (timm's ``use_prefetcher=True`` output); normalisation happens on the device.
 
-Two ways to decode less expensively, both choosing the random crop first, from the header's size:
+Three ways to decode less expensively, all choosing the random crop first, from the header's size:
 
-- the common case (crop not much larger than the output, bilinear/bicubic, no PIL-only transform
-  after it): torchvision's libjpeg-turbo decoder straight into a tensor, then an antialiased uint8
-  resize in torch, cheaper than timm's PIL crop and resize (docs/benchmarks.md, "Data loader");
-- a crop at least twice the output size: PIL's ``draft`` decodes at 1/2, 1/4 or 1/8 scale in the
-  DCT domain, a fraction of a full decode (large photos, or low-resolution training).
+- the common case (crop less than 4x the output, bilinear/bicubic, no PIL-only transform after it), where
+  nvImageCodec is installed: only the crop box is decoded (data/region_decode.py), then an antialiased uint8
+  resize in torch; the pixels are those of a full decode cropped to the box;
+- the same without nvImageCodec, for crops less than 2x the output: torchvision's libjpeg-turbo decoder
+  straight into a tensor, then the same resize, cheaper than timm's PIL crop and resize;
+- a larger crop: PIL's ``draft`` decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, a fraction of a full
+  decode (large photos, or low-resolution training). Against a region decode it wins only from 4x on.
+The measurements behind these limits are in docs/benchmarks.md ("Data loader").
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ from timm.data import create_transform
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision.transforms import CenterCrop, InterpolationMode, RandomHorizontalFlip, Resize
 
+from . import region_decode
+
 try:  # without torchvision's JPEG decoder, every image takes the PIL path below
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
 
 _TORCH_RESIZE = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+# Crops this many times the output or more take PIL's draft decode even where a region decode is possible:
+# at 1/4 scale and below it does less work (measured, docs/benchmarks.md "Data loader"); at 1/2 it does not
+REGION_MAX_SHRINK = 4
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame; C4/C8/CC are other tables
 
 
@@ -105,6 +113,7 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
     """
 
     tensor_output = False
+    region_decode = True  # decode only the crop box where data/region_decode.py can (off: bench and tests A/B)
 
     def draw(self, full_w: int, full_h: int) -> tuple[tuple[int, int, int, int], InterpolationMode]:
         """timm's random draws for an image of this size: the crop box (top, left, height, width) and the
@@ -117,14 +126,16 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
         return box, interpolation
 
     def __call__(self, data: bytes):
-        size = jpeg_size(data)
-        img = None if size else Image.open(io.BytesIO(data))
-        full_w, full_h = size or img.size
-        (i, j, h, w), interpolation = self.draw(full_w, full_h)
-        out_h, out_w = self.size
+        header = jpeg_header(data)
+        img = None if header else Image.open(io.BytesIO(data))
+        full_w, full_h = header[:2] if header else img.size
+        box, interpolation = self.draw(full_w, full_h)
+        (i, j, h, w), (out_h, out_w) = box, self.size
         shrink = min(w / out_w, h / out_h)  # how far the crop could be scaled down and still cover the output
-        if size and self.tensor_output and decode_jpeg and shrink < 2 and interpolation in _TORCH_RESIZE:
-            return resize_crop(_decode_jpeg(data), (i, j, h, w), (out_h, out_w), interpolation)
+        if header and self.tensor_output and interpolation in _TORCH_RESIZE:
+            decoded = self._decode_tensor(data, header, box, shrink)
+            if decoded is not None:
+                return resize_crop(*decoded, (out_h, out_w), interpolation)
         img = img or Image.open(io.BytesIO(data))
         if shrink >= 2 and img.format == "JPEG":
             img.draft("RGB", (math.ceil(full_w / shrink), math.ceil(full_h / shrink)))
@@ -134,6 +145,18 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
         # One resample from the (drafted) image straight to the output size: crop and resize in one pass.
         box = (j * sx, i * sy, (j + w) * sx, (i + h) * sy)
         return img.resize((out_w, out_h), F.pil_modes_mapping[interpolation], box=box)
+
+    def _decode_tensor(self, data: bytes, header: tuple[int, int, int], box: tuple[int, int, int, int],
+                       shrink: float) -> tuple[torch.Tensor, tuple[int, int, int, int]] | None:
+        """(decoded image, the crop box in it) for the torch resize, or None for the PIL path: the crop box
+        alone where nvImageCodec takes the image, else the whole image from torchvision's decoder."""
+        if self.region_decode and shrink < REGION_MAX_SHRINK and region_decode.takes(header, data):
+            region = region_decode.decode_region(data, box)
+            if region is not None:
+                return region, (0, 0, box[2], box[3])
+        if decode_jpeg and shrink < 2:
+            return _decode_jpeg(data), box
+        return None
 
 
 class DecodeForResize:
@@ -172,6 +195,21 @@ def train_transform(image_size: int, augment: TrainAugment):
             crop.tensor_output = not augment.auto_augment and not augment.color_jitter
             tf.transforms[k] = crop
     return tf
+
+
+def train_decoder(decode: str, pil_only: bool, device_decoder: str | None = None) -> str:
+    """Which decoder the training images go through, in words, for the run's record (engine's run_info.json).
+    ``decode``: 'cpu' or 'device'; ``pil_only``: a PIL-only transform (auto-augment, colour jitter) follows
+    the crop, so the workers decode with PIL; ``device_decoder``: the loader's, with decode='device'."""
+    workers = ("PIL (draft for large crops), for the PIL-only transforms after the crop" if pil_only
+               else region_decode.describe())
+    if decode != "device":
+        return f"in the loader workers: {workers}"
+    if device_decoder is None:
+        from .device_decode import jpeg_decoder  # it imports this module
+
+        device_decoder = jpeg_decoder()[0]
+    return f"on the device: {device_decoder}, one call per batch; what it does not take: {workers}"
 
 
 def val_transform(image_size: int, crop_pct: float, resize: int | None = None, interpolation: str = "bilinear"):

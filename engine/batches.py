@@ -3,6 +3,9 @@ batches made on the device), and uint8 batch -> normalised float tensors with er
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +15,7 @@ from data.remote import RetryPolicy, ShardReads
 from data.shard_cache import ShardCache
 
 from . import console
-from .options import AugmentConfig, DataConfig, EvalConfig, ResolutionConfig
+from .options import MAX_DEFAULT_WORKERS, AugmentConfig, Config, DataConfig, EvalConfig, ResolutionConfig
 from .runtime import from_main, local_world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +69,27 @@ def shard_reads(data: DataConfig) -> ShardReads:
     policy = RetryPolicy(retries=data.read_retries, timeout=data.read_timeout, max_wait=data.read_retry_wait)
     cache = ShardCache(data.shard_cache, int(data.shard_cache_gb * 1e9)) if data.shard_cache else None
     return ShardReads(policy, cache)
+
+
+def cores_per_process() -> int:
+    """The cores this process may use, shared with the other training processes of its node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size())
+
+
+def settle_workers(cfg: Config) -> Config:
+    """``cfg`` with --workers decided: by default what this process's share of the cores allows; a larger
+    number asked for is said once, in our words, and torch's multi-line warning (once per loader) silenced."""
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    share = cores_per_process()
+    if cfg.data.workers is None:
+        workers = min(MAX_DEFAULT_WORKERS, share)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    if cfg.data.workers > share:
+        console.warn(f"--workers {cfg.data.workers} is more than the {share} core(s) of this process "
+                     f"({local_world_size()} training process(es) on this node); the loaders may compete with "
+                     f"training for them (by default --workers follows the cores)")
+    return cfg
 
 
 def open_train_loader(data: DataConfig, augment: AugmentConfig, resolution: ResolutionSchedule, *,

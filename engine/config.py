@@ -7,6 +7,7 @@ every value's type and lower bound, which argparse does not apply to values from
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import types
 import typing
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-from .console import fatal
 from .options import GROUPS, Config
 
 
@@ -70,7 +70,10 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
     parser = build_parser(description)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**read_recipe(known.config))
+        try:
+            parser.set_defaults(**read_recipe(known.config))
+        except RecipeProblem as e:
+            parser.error(str(e))
     values = vars(parser.parse_args(argv))
     values.pop("config")
     problem = check_values(values) or check_combinations(values)
@@ -80,35 +83,66 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
                      for name, group in GROUPS.items()})
 
 
+# Other trainers' names for our options, which no spelling distance finds
+SYNONYMS = {"learning_rate": "lr", "num_workers": "workers", "model": "arch", "optimizer": "opt",
+            "wd": "weight_decay", "lr_schedule": "schedule", "data": "data_dir", "num_epochs": "epochs"}
+
+
+class RecipeProblem(Exception):
+    """What is wrong with a recipe, in one line naming the file and the key."""
+
+
 def read_recipe(path: str) -> dict:
+    """The recipe's values, each checked here so that a bad one names the file and the key (argparse would
+    convert a string like "ten" itself and name only the flag)."""
     try:
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
+        recipe = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
-        fatal(f"cannot read recipe {path}: {e}")
+        raise RecipeProblem(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
+    if recipe is None or recipe == {}:  # else the run would be the defaults (ResNet-50, 224 px, 90 epochs)
+        raise RecipeProblem(f"recipe {path} sets nothing (it is empty, or only comments): give it "
+                            "'option: value' lines, or drop --config")
     if not isinstance(recipe, dict):
-        fatal(f"{path}: a recipe is a mapping of option names to values, not a {type(recipe).__name__}")
-    declared, values = options(), {}
-    for key, value in recipe.items():
-        name = str(key).replace("-", "_")
-        if name not in declared:
-            fatal(f"{path}: unknown key '{key}'; valid keys: {', '.join(sorted(declared))}")
-        choices = declared[name][0].metadata["choices"]
-        if choices and value not in choices and not (value is None and declared[name][0].default is None):
-            fatal(f"{path}: {key}: '{value}' is not one of {', '.join(map(str, choices))}")
-        values[name] = value
-    return values
+        raise RecipeProblem(f"{path}: a recipe is a mapping of option names to values, not a {type(recipe).__name__}")
+    return {str(key).replace("-", "_"): recipe_value(path, key, value) for key, value in recipe.items()}
+
+
+def recipe_value(path: str, key, value):
+    """``value`` if it fits the option ``key`` names, else the problem, naming the file and the key."""
+    declared, name = options(), str(key).replace("-", "_")
+    if name not in declared:
+        close = [SYNONYMS[name]] if name in SYNONYMS else difflib.get_close_matches(name, declared, n=3, cutoff=0.6)
+        if close:
+            raise RecipeProblem(f"{path}: unknown key '{key}'; did you mean {' or '.join(close)}?")
+        raise RecipeProblem(f"{path}: unknown key '{key}'; valid keys: {', '.join(sorted(declared))}")
+    choices = declared[name][0].metadata["choices"]
+    if choices and value not in choices and not (value is None and declared[name][0].default is None):
+        raise RecipeProblem(f"{path}: {key}: '{value}' is not one of {', '.join(map(str, choices))}")
+    problem = value_problem(name, value)
+    if problem:
+        raise RecipeProblem(f"{path}: {key} {problem}")
+    return value
 
 
 def check_values(values: dict) -> str | None:
     """Types and lower bounds of every option, checked after parsing: argparse does not check the values
     that come from a recipe."""
-    for name, (f, kind) in options().items():
-        value, low, flag = values[name], f.metadata["low"], "--" + name.replace("_", "-")
-        if not fits(value, kind, f.metadata["nargs"]) or low is not None and value < low:
-            what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, f"a {describe(kind)}")
-            bound = f" >= {low}" if low is not None else ""
-            return f"{flag} must be {what}{bound}, got {value!r}"
+    for name in options():
+        problem = value_problem(name, values[name])
+        if problem:
+            return f"--{name.replace('_', '-')} {problem}"
     return None
+
+
+def value_problem(name: str, value) -> str | None:
+    """'must be an integer >= 1, got 'ten'' when ``value`` does not fit option ``name``, else None."""
+    f, kind = options()[name]
+    low = f.metadata["low"]
+    if fits(value, kind, f.metadata["nargs"]) and (low is None or value is None or value >= low):
+        return None
+    what = {int: "an integer", float: "a number", bool: "true or false"}.get(scalar_type(kind), f"a {describe(kind)}")
+    bound = f" >= {low}" if low is not None else ""
+    return f"must be {what}{bound}, got {value!r}"
 
 
 def fits(value, kind, nargs) -> bool:
@@ -136,6 +170,9 @@ def check_combinations(values: dict) -> str | None:
         return problem
     if values["overwrite"] and values["resume"]:
         return "--overwrite replaces the run in --output-dir and --resume continues it: give one of them"
+    if values["batch_size"] < 2 and not values["evaluate"]:
+        return ("--batch-size 1: BatchNorm needs at least 2 images per process in training (it normalises each "
+                "batch by the batch's own statistics); use --batch-size 2 or more")
     if values["evaluate"] and not values["data_dir"]:
         return "--evaluate needs --data-dir: the shards whose validation split it scores"
     if values["evaluate"] and values["synthetic"]:

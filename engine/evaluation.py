@@ -36,7 +36,8 @@ def evaluate(model, loader, prep, accelerator, *, flip: bool = False) -> dict:
     sync_buffers(accelerator, net)
     was_training = net.training
     net.eval()
-    counts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, images, outages
+    counts = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # top1, top5, images, unreadable, outages
+    bad_before = getattr(loader, "bad_samples", 0)  # the loader's count runs over its whole life
     outage = ""
     try:
         for images, labels in loader:
@@ -49,21 +50,31 @@ def evaluate(model, loader, prep, accelerator, *, flip: bool = False) -> dict:
             counts[1] += hit.any(dim=1).sum()
             counts[2] += labels.numel()
     except DataOutage as e:
-        counts[3], outage = 1, str(e)
+        counts[4], outage = 1, str(e)
+    counts[3] = getattr(loader, "bad_samples", 0) - bad_before
     counts = accelerator.reduce(counts, reduction="sum").cpu()
     net.train(was_training)
-    if counts[3]:
-        raise DataOutage(outage or f"data outage: the validation shards of {int(counts[3])} other process(es) "
+    if counts[4]:
+        raise DataOutage(outage or f"data outage: the validation shards of {int(counts[4])} other process(es) "
                                    "stayed unreadable (their warnings name the shard)")
     n = int(counts[2])
-    return {"top1": 100 * counts[0].item() / max(n, 1), "top5": 100 * counts[1].item() / max(n, 1), "images": n}
+    return {"top1": 100 * counts[0].item() / max(n, 1), "top5": 100 * counts[1].item() / max(n, 1), "images": n,
+            "unreadable": int(counts[3])}
 
 
 def check_count(result: dict, loader) -> None:
-    expected = getattr(loader, "num_samples", 0)
-    if expected and result["images"] != expected:
-        console.warn(f"evaluated {result['images']} validation images but the manifest lists {expected}; "
-                     "unreadable images were skipped or the shards are incomplete")
+    """Say when the evaluation did not score every image the manifest lists, and why: unreadable images
+    (each named in a warning as it was skipped), or a manifest that does not match its shards."""
+    expected, seen = getattr(loader, "num_samples", 0), result["images"] + result.get("unreadable", 0)
+    if not expected or result["images"] == expected:
+        return
+    if seen == expected:
+        console.warn(f"evaluated {result['images']} of the {expected} validation images the manifest lists: "
+                     f"{result['unreadable']} could not be decoded (named in the warnings above)")
+    else:
+        console.warn(f"the validation shards gave {seen} images ({result['images']} evaluated, "
+                     f"{result.get('unreadable', 0)} unreadable) but their manifest lists {expected}: it does not "
+                     "match the shards; write them again with make-shards")
 
 
 def sync_buffers(accelerator, module: nn.Module) -> None:
@@ -130,6 +141,8 @@ def load_weights(path: str, model: nn.Module, device) -> None:
     only tensors are accepted, never pickled code."""
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
+    if path.is_dir() and not weights.exists():
+        console.fatal(f"--evaluate {path}: {what_folder_holds(path)}")
     if not weights.exists():
         console.fatal(f"--evaluate {path}: no such model file")
     try:
@@ -147,3 +160,18 @@ def load_weights(path: str, model: nn.Module, device) -> None:
         detail = ([ln.strip() for ln in str(e).splitlines()[1:2]] or [one_line(e)])[0][:200]
         console.fatal(f"--evaluate {weights}: its weights do not fit the network ({detail}); "
                       "check --arch and --cifar-stem")
+
+
+def what_folder_holds(path: Path) -> str:
+    """For a folder given to --evaluate that is no checkpoint: what it holds, and the path that would do."""
+    names = sorted(p.name for p in path.iterdir())
+    holder = path / "checkpoints" if "checkpoints" in names and (path / "checkpoints").is_dir() else path
+    steps = sorted(p.name for p in holder.iterdir() if re.fullmatch(r"step-\d+", p.name))
+    if "model.pt" in names:
+        suggestion = f"a run directory: evaluate its {path / 'model.pt'}"
+    elif steps:
+        suggestion = f"checkpoints, not one: give one of them, e.g. {holder / steps[-1]}"
+    else:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "nothing"
+        suggestion = f"no model.safetensors (it holds {shown})"
+    return f"{suggestion}; --evaluate takes a model.pt file or a checkpoint directory (checkpoints/step-N)"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from data.remote import redact
 from resnet import ARCH_NAMES
 
+MAX_DEFAULT_WORKERS = 8  # more rarely helps one GPU, and each worker holds a shuffle buffer of decoded images
 STOP_CHECK_EVERY = 10  # steps between agreeing on a stop request: one tiny all-reduce, not one per step
 
 
@@ -32,7 +33,9 @@ class DataConfig:
                                         "in object storage\")")
     train_split: str = option("train", "split of --data-dir to train on")
     val_split: str = option("val", "split of --data-dir to evaluate on")
-    workers: int = option(8, "loader worker processes per training process", low=0)
+    workers: int | None = option(None, "loader worker processes per training process; default: the cores this "
+                                       "process may use, shared among the training processes of its node, at most "
+                                       f"{MAX_DEFAULT_WORKERS}", low=0)
     image_size: int = option(224, "training crop and evaluation size, pixels", low=8)
     max_bad_fraction: float = option(0.001, "stop when more than this fraction of training samples cannot be "
                                             "decoded", low=0.0)

@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -132,7 +133,34 @@ def allow_a_graph_per_size(sizes: int) -> None:
     evaluation's shapes (full and last batch, model and EMA)."""
     import torch._dynamo
 
+    quiet_cuda_probe()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, sizes + 4)
+
+
+def quiet_cuda_probe() -> None:
+    """Inductor probes for CUDA on a CPU-only machine and says so ("No CUDA runtime is found, using
+    CUDA_HOME=..."): noise to a CPU run, whose compile CompileNotice's lines announce."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+class CompileNotice:
+    """--compile: the first step waits for the compiler (a minute on a CPU) with no other sign of life; say that
+    it is compiling, and when it is done."""
+
+    def __init__(self, enabled: bool):
+        self.state, self.started = ("waiting" if enabled else "done"), 0.0
+
+    def before_step(self) -> None:
+        if self.state == "waiting":
+            console.say("compiling the model (torch.compile, inductor): the first step waits for it")
+            self.state, self.started = "compiling", time.monotonic()
+
+    def after_step(self) -> None:
+        if self.state == "compiling":
+            console.say(f"compiled in {time.monotonic() - self.started:.0f} s; training")
+            self.state = "done"
 
 
 def from_main(accelerator, read):
@@ -186,15 +214,17 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_run_info(cfg: Config, accelerator, out: Path) -> None:
+def write_run_info(cfg: Config, accelerator, out: Path, loader=None) -> None:
     """The resolved configuration (itself a recipe: `--config config.yaml` runs it again) and what
-    produced it, next to the run's outputs."""
+    produced it, next to the run's outputs; ``loader``: the training loader, whose decoder it names."""
     if not accelerator.is_main_process:
         return
     import accelerate
     import timm
     import torchvision
     import webdataset
+
+    from data.transforms import train_decoder
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=True))
@@ -203,6 +233,9 @@ def write_run_info(cfg: Config, accelerator, out: Path) -> None:
         "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
         "host": socket.gethostname(), "ranks": RANKS, "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, accelerate, webdataset)},
+        "decoder": "none (synthetic data)" if cfg.data.synthetic else
+                   train_decoder(cfg.data.decode, bool(cfg.augment.auto_augment or cfg.augment.color_jitter),
+                                 getattr(loader, "device_decoder", None)),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

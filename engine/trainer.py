@@ -19,7 +19,7 @@ from .evaluation import check_count, check_replicas, evaluate, export_model, syn
 from .faults import FAULTS
 from .monitor import DataCounts, Monitor, StepMeter, progress_bar
 from .recipe import Learner, peak_lr, set_schedule
-from .runtime import bare
+from .runtime import CompileNotice, bare
 from .stops import (EXIT_REQUEUE, DataWatch, NonFiniteGuard, StopReason, StopRequest, agree_to_stop,
                     exit_for_outage, unsafe_to_save)
 
@@ -44,6 +44,7 @@ class Trainer:
         self.size_said = None  # the training size last announced on the console
         self.saved_step = -1  # the step of the newest checkpoint this run wrote
         self.epoch_batches = self.batches_in_epoch()
+        self.compile_notice = CompileNotice(cfg.runtime.compile)
         learner.clock.step = self.schedule_step()
         if progress.global_step:  # resumed: this run's peak LR at the checkpoint's point of the schedule
             set_schedule(learner.optimizer, learner.scheduler, peak_lr(cfg.optim, accelerator.num_processes))
@@ -95,7 +96,7 @@ class Trainer:
         """The evaluation due at an epoch's start, and the best top-1 so far; True when a data outage stopped it."""
         p = self.progress
         try:
-            result = self.evaluate()
+            result = self.evaluate(p.epoch - 1)
         except DataOutage as e:
             self.data.message = str(e)
             return True
@@ -137,6 +138,7 @@ class Trainer:
             if p.global_step == 0 and p.batch_in_epoch == 0:
                 self.monitor.image_grid(prep.for_display(images), 0)
             # forward, backward, and an optimizer step once every --grad-accum batches
+            self.compile_notice.before_step()
             with a.accumulate(learner.model):
                 loss = learner.criterion(learner.model(images), targets)
                 if p.global_step == FAULTS.nan_at_step:
@@ -146,6 +148,7 @@ class Trainer:
                     a.clip_grad_norm_(learner.model.parameters(), self.clip_grad)
                 learner.optimizer.step()
                 learner.optimizer.zero_grad(set_to_none=True)
+            self.compile_notice.after_step()
             # bookkeeping on the device: no sync per step
             p.batch_in_epoch += 1
             self.guard.add(loss)
@@ -180,6 +183,8 @@ class Trainer:
             learner.ema.update(bare(a, learner.model))
         if p.global_step % self.run.log_every == 0:
             self.log_interval(meter)
+        if p.global_step == FAULTS.pause_at_step:
+            FAULTS.pause(lambda: self.stop.requested)
         epoch_end = p.batch_in_epoch == self.epoch_batches  # end_epoch() saves after evaluating
         if self.run.checkpoint_every and p.global_step % self.run.checkpoint_every == 0 and not epoch_end:
             if self.save():
@@ -205,8 +210,14 @@ class Trainer:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
-    def evaluate(self) -> dict:
-        """Top-1/top-5 of the model (and its EMA) on the whole validation split, logged and remembered."""
+    def trained_epoch(self) -> int:
+        """The epoch whose steps were the last trained: the current one mid-epoch, else the one just ended."""
+        p = self.progress
+        return max(0, p.epoch - (p.batch_in_epoch == 0))
+
+    def evaluate(self, epoch: int) -> dict:
+        """Top-1/top-5 of the model (and its EMA) on the whole validation split, logged and remembered; ``epoch``
+        is the one just trained, numbered as the training lines number it."""
         a, p, val, prep = self.accelerator, self.progress, self.batches.val, self.batches.prep
         result = evaluate(self.learner.model, val, prep, a, flip=self.flip)
         check_count(result, val)
@@ -216,9 +227,9 @@ class Trainer:
             scalars.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         self.monitor.log(p.global_step, scalars, "val")
         p.last_eval_step, p.last_eval = p.global_step, result
-        p.history.append({"step": p.global_step, "epoch": p.epoch, "top1": result["top1"]})
+        p.history.append({"step": p.global_step, "epoch": epoch, "top1": result["top1"]})
         ema_text = f"  ema top1 {scalars['ema_top1']:.2f}" if self.learner.ema is not None else ""
-        console.say(f"epoch {p.epoch} step {p.global_step}: val top1 {result['top1']:.2f}  "
+        console.say(f"epoch {epoch} step {p.global_step}: val top1 {result['top1']:.2f}  "
                     f"top5 {result['top5']:.2f}  ({result['images']} images){ema_text}")
         return result
 
@@ -260,7 +271,7 @@ class Trainer:
             return EXIT_REQUEUE
         final = {}
         if self.batches.val is not None:
-            final = p.last_eval if p.last_eval_step == p.global_step else self.evaluate()
+            final = p.last_eval if p.last_eval_step == p.global_step else self.evaluate(self.trained_epoch())
             console.say(f"final top1={final['top1']:.2f} top5={final['top5']:.2f} images={final['images']} "
                         f"step={p.global_step}")
         sync_buffers(a, bare(a, model))

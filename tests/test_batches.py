@@ -59,3 +59,45 @@ def test_compile_gets_room_for_a_graph_per_training_size(monkeypatch):
     assert torch._dynamo.config.recompile_limit >= 12 + 2
     allow_a_graph_per_size(1)  # never lowered
     assert torch._dynamo.config.recompile_limit >= 12 + 2
+
+
+def test_workers_default_to_the_cores_and_more_is_said_once_without_torchs_warning(monkeypatch, capsys):
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from engine.batches import settle_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)  # torch asks it too
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert settle_workers(parse_config(["--synthetic"])).data.workers == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert settle_workers(parse_config(["--synthetic"])).data.workers == 1  # two processes share the cores
+    assert settle_workers(parse_config(["--synthetic", "--workers", "0"])).data.workers == 0
+    assert capsys.readouterr().out == ""
+    with warnings.catch_warnings(record=True) as caught:  # keeps the filters, records what passes them
+        cfg = settle_workers(parse_config(["--synthetic", "--workers", "8"]))
+        DataLoader(list(range(4)), num_workers=cfg.data.workers)
+        DataLoader(list(range(4)), num_workers=cfg.data.workers)
+    assert capsys.readouterr().out == ("warning: --workers 8 is more than the 1 core(s) of this process (2 training "
+                                       "process(es) on this node); the loaders may compete with training for them "
+                                       "(by default --workers follows the cores)\n")
+    assert not [w for w in caught if "suggested max number of worker" in str(w.message)]
+
+
+def test_compile_says_it_is_compiling_and_when_it_is_done(capsys):
+    import logging
+
+    from engine.runtime import CompileNotice, quiet_cuda_probe
+
+    notice = CompileNotice(enabled=True)
+    for _ in range(3):
+        notice.before_step()
+        notice.after_step()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "compiling the model (torch.compile, inductor): the first step waits for it"
+    assert len(out) == 2 and out[1].startswith("compiled in ") and out[1].endswith(" s; training")
+    CompileNotice(enabled=False).before_step()
+    assert capsys.readouterr().out == ""
+    quiet_cuda_probe()  # inductor's "No CUDA runtime is found, using CUDA_HOME=..." on a CPU: silenced
+    assert not logging.getLogger("torch.utils.cpp_extension").isEnabledFor(logging.WARNING)

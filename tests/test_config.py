@@ -36,27 +36,61 @@ def test_the_written_config_is_a_recipe_that_gives_the_same_configuration(tmp_pa
 
 
 @pytest.mark.parametrize("line, message", [
-    ("momentum: fast", "argument --momentum: invalid float value: 'fast'"),  # argparse converts strings
-    ("momentum: [0.9]", "--momentum must be a number, got [0.9]"),
-    ("workers: 2.5", "--workers must be an integer >= 0, got 2.5"),
-    ("channels-last: 1", "--channels-last must be true or false, got 1"),
-    ("scale: [0.5]", "--scale must be a list of floats, got [0.5]"),
-    ("train-split: null", "--train-split must be a string, got None"),
+    ("momentum: fast", "momentum must be a number, got 'fast'"),  # was argparse's, naming neither file nor key
+    ("epochs: ten", "epochs must be an integer >= 1, got 'ten'"),
+    ("momentum: [0.9]", "momentum must be a number, got [0.9]"),
+    ("workers: 2.5", "workers must be an integer >= 0, got 2.5"),
+    ("channels-last: 1", "channels-last must be true or false, got 1"),
+    ("scale: [0.5]", "scale must be a list of floats, got [0.5]"),
+    ("train-split: null", "train-split must be a string, got None"),
 ])
-def test_a_recipe_value_of_the_wrong_type_is_one_line_naming_the_option(tmp_path, capsys, line, message):
+def test_a_recipe_value_of_the_wrong_type_is_one_line_naming_the_file_and_key(tmp_path, capsys, line, message):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(line + "\n")
     with pytest.raises(SystemExit) as e:
         parse_config(["--synthetic", "--config", str(recipe)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert e.value.code == 2 and f"error: {recipe}: {message} (see --help)" in err and err.count("\n") == 1, err
 
 
-def test_a_recipe_that_is_not_a_mapping_is_refused(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_a_recipe_that_sets_nothing_is_refused(tmp_path, capsys, text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_config(["--synthetic", "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert f"error: recipe {recipe} sets nothing (it is empty, or only comments)" in err and err.count("\n") == 1
+
+
+def test_an_unknown_recipe_key_suggests_the_closest_keys(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epoch: 10\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--synthetic", "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert f"error: {recipe}: unknown key 'epoch'; did you mean epochs? (see --help)\n" in err
+    assert "label_smoothing" not in err and err.count("\n") == 1  # not the ~75 keys any more
+    recipe.write_text("learning-rate: 0.1\n")  # another trainer's name
+    with pytest.raises(SystemExit):
+        parse_config(["--synthetic", "--config", str(recipe)])
+    assert "unknown key 'learning-rate'; did you mean lr?" in capsys.readouterr().err
+
+
+def test_batch_size_one_is_refused_for_training_and_allowed_for_evaluation(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--synthetic", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert "--batch-size 1: BatchNorm needs at least 2 images per process in training" in err
+    assert parse_config(["--data-dir", "x", "--evaluate", "m.pt", "--batch-size", "1"]).optim.batch_size == 1
+
+
+def test_a_recipe_that_is_not_a_mapping_is_refused(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- arch: resnet18\n")
-    with pytest.raises(SystemExit, match="a recipe is a mapping of option names to values, not a list"):
+    with pytest.raises(SystemExit):
         parse_config(["--synthetic", "--config", str(recipe)])
+    assert "a recipe is a mapping of option names to values, not a list" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -62,7 +62,8 @@ def epoch(loader) -> list:
 def test_device_batches_have_the_cpu_paths_labels_crop_boxes_and_pixels(photo_shards, monkeypatch):
     """Tolerance: where the CPU path decodes in full (crop < 2x the output), the pixels are identical on the
     CPU device; where it decodes at 1/2-1/8 scale in the DCT domain (PIL's draft: crop >= 2x the output), the
-    device's full decode and antialiased resize differ by at most 8 levels of 255 per image on average."""
+    device's full decode and antialiased resize differ by at most 8 levels of 255 per image on average; with
+    nvImageCodec installed the CPU path decodes the crop box alone up to 4x the output, the same pixels."""
     draws = recorded_draws(monkeypatch)
     cpu = epoch(build_train_loader(photo_shards, batch_size=8, num_workers=0, image_size=64, augment=AUG, seed=5))
     cpu_draws = list(draws)
@@ -192,6 +193,72 @@ def test_images_the_device_decoder_refuses_are_decoded_on_the_cpu_and_undecodabl
     (cpu_images, _), = epoch(cpu)
     assert cpu.bad_samples == 1
     assert torch.equal(images, cpu_images)
+
+
+def _operator_calls(batch) -> int:
+    """aten (and torchvision) operator calls that do work, views left out, of decoding ``batch`` on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from data.pipeline import BadSampleCounter
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    decoder = data.device_decode.DeviceDecoder("cpu", BadSampleCounter(0.5), train=True)
+    with Count():
+        decoder(batch)
+    return Count.calls
+
+
+def test_the_tail_after_decoding_is_a_few_calls_per_batch_not_per_image():
+    """On a GPU each call is a kernel launched from one Python thread. Per image: the decode (one batched call
+    on CUDA, one per image on the CPU), the crop's copy into the resizer's layout, the resize; the flips and the
+    copy into the batch are a few calls for the whole batch."""
+    from torchvision.transforms import InterpolationMode
+
+    from data.device_decode import EncodedBatch
+    from data.transforms import Plan
+
+    def batch(n):
+        jpegs = [io.BytesIO() for _ in range(n)]
+        for k, out in enumerate(jpegs):
+            photo(k, 60, 50).save(out, "JPEG", quality=90)
+        plans = [Plan(out.getvalue(), (k % 5, k % 7, 40, 45), k % 2 == 1, InterpolationMode.BILINEAR)
+                 for k, out in enumerate(jpegs)]
+        return EncodedBatch.pack(plans, [0] * n, [{"__key__": str(k)} for k in range(n)], size=16, resize=0)
+
+    small, large = _operator_calls(batch(8)), _operator_calls(batch(24))
+    assert (large - small) / 16 <= 3  # before: 4.5 (a copy into the batch per image, a flip per flipped one)
+    assert small <= 8 * 3 + 12  # and about ten for the batch
+
+
+def test_nvimgcodec_gpu_decoder_that_cannot_load_gives_way_with_one_line_saying_why(monkeypatch, caplog):
+    """On the CPU the device decoder is jpeg_decoder's; asked for CUDA where nvImageCodec's GPU backend cannot load
+    (here: no GPU, no driver) it falls back to it with one warning, and the run goes on."""
+    from data import region_decode
+
+    assert data.device_decode.device_jpeg_decoder(torch.device("cpu"))[0] in ("torchcodec", "torchvision")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: its decoder loads (the nvJPEG test below)")
+    monkeypatch.setattr(region_decode, "available", lambda: True)  # installed or not: the GPU part must fail here
+    with caplog.at_level(logging.WARNING, logger="data.device_decode"):
+        name, decode = data.device_decode.device_jpeg_decoder(torch.device("cuda"))
+    assert name == data.device_decode.jpeg_decoder()[0]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "nvImageCodec's GPU decoder is not used" in lines[0] and name in lines[0], lines
+
+
+def test_the_gpu_decoder_is_checked_on_a_probe_image_against_libjpeg_turbo():
+    """nvImageCodec without the nvJPEG of its CUDA version refuses every image; a decoder that returns wrong
+    pixels must not be used either."""
+    cpu = data.device_decode._torchvision_decoder()
+    data.device_decode._probe(cpu, torch.device("cpu"))  # libjpeg-turbo itself passes
+    with pytest.raises(RuntimeError, match="differs"):
+        data.device_decode._probe(lambda datas, device: [255 - x for x in cpu(datas, device)], torch.device("cpu"))
 
 
 def test_torchcodec_decodes_where_it_is_installed_and_torchvision_elsewhere(monkeypatch):

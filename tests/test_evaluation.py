@@ -154,4 +154,55 @@ def test_a_data_outage_mid_evaluation_is_raised_after_the_one_reduction():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 6, 5)).eval()
     with pytest.raises(DataOutage, match="val-000001.tar unreadable"):
         evaluate(net, batches(), Identity(), Counting())
-    assert len(reduced) == 1 and reduced[0][2] == 2 and reduced[0][3] == 1, "counts and the outage, reduced once"
+    assert len(reduced) == 1 and reduced[0][2] == 2 and reduced[0][4] == 1, "counts and the outage, reduced once"
+
+
+@pytest.mark.parametrize("layout, says", [
+    ("run", "a run directory: evaluate its {d}/model.pt"),
+    ("checkpoints", "checkpoints, not one: give one of them, e.g. {d}/step-00000012"),
+    ("run-without-model", "checkpoints, not one: give one of them, e.g. {d}/checkpoints/step-00000012"),
+    ("other", "no model.safetensors (it holds notes.txt)"),
+])
+def test_evaluate_on_a_folder_that_is_no_checkpoint_says_what_it_holds(tmp_path, layout, says):
+    from engine.evaluation import load_weights
+
+    d = tmp_path / "d"
+    d.mkdir()
+    steps = {"checkpoints": d, "run-without-model": d / "checkpoints", "run": d / "checkpoints"}.get(layout)
+    for step in ("step-00000006", "step-00000012") if steps else ():
+        (steps / step).mkdir(parents=True)
+    if layout == "run":
+        torch.save({}, d / "model.pt")
+    if layout == "other":
+        (d / "notes.txt").write_text("")
+    with pytest.raises(SystemExit) as e:  # was: "no such model file"
+        load_weights(str(d), build_model("resnet20", num_classes=10), "cpu")
+    assert str(e.value) == (f"error: --evaluate {d}: {says.format(d=d)}; --evaluate takes a model.pt file or a "
+                            "checkpoint directory (checkpoints/step-N)")
+
+
+@pytest.mark.parametrize("images, unreadable, says", [
+    (358, 2, "evaluated 358 of the 360 validation images the manifest lists: 2 could not be decoded (named in "
+             "the warnings above)"),
+    (350, 0, "the validation shards gave 350 images (350 evaluated, 0 unreadable) but their manifest lists 360: "
+             "it does not match the shards; write them again with make-shards"),
+    (360, 0, None),
+])
+def test_an_evaluation_short_of_the_manifest_says_why(capsys, images, unreadable, says):
+    from types import SimpleNamespace
+
+    from engine.evaluation import check_count
+
+    check_count({"images": images, "unreadable": unreadable, "top1": 1.0}, SimpleNamespace(num_samples=360))
+    out = capsys.readouterr().out
+    assert out == (f"warning: {says}\n" if says else "")
+
+
+def test_evaluate_counts_the_unreadable_images_of_its_pass():
+    class Loader(list):
+        bad_samples = 5  # from earlier passes: not this one's
+
+    loader = Loader([(torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 2]))])
+    net = build_model("resnet20", num_classes=10, cifar_stem=True)
+    result = evaluate(net, loader, Identity(), OneProcess())
+    assert (result["images"], result["unreadable"]) == (3, 0)

@@ -4,8 +4,9 @@ Every test runs the real trainer in real processes on the CPU and hurts it for r
 process or to one rank, SIGSTOP, SIGTERM/SIGUSR1 to one worker, a size-limited tmpfs, truncated and
 overwritten checkpoint files, a pickle that runs code when loaded, corrupt shards, a NaN loss. Two
 test-only hooks of the trainer make the timing deterministic: RESNET_FAULT_SLOW_SAVE (pause inside a
-checkpoint write) and RESNET_FAULT_NAN_AT_STEP (poison one step's loss). Every wait is bounded, and every
-process a test starts is killed when it ends.
+checkpoint write), RESNET_FAULT_NAN_AT_STEP (poison one step's loss) and RESNET_FAULT_PAUSE_AT_STEP (hold
+every rank after a step until it is signalled or released), so a test never races the run to a step on a busy
+machine. Every wait is bounded, and every process a test starts is killed when it ends.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def two_process_args(shards: Path) -> list:
     """1,437 digits / (32 x 2 ranks) = 22 steps, a checkpoint every 4, the epoch-end one at 22."""
     return digits_args(shards, "--batch-size", "32", "--epochs", "1", "--seed", "1", "--log-every", "1",
                        "--checkpoint-every", CKPT_EVERY)
+
+
+def held_at(step: int, release: Path | None = None) -> dict:
+    """The environment that holds every rank once `step` is logged, until it is signalled or `release` exists."""
+    return {"RESNET_FAULT_PAUSE_AT_STEP": str(step), **({"RESNET_FAULT_RELEASE_FILE": str(release)} if release else {})}
 
 
 def checkpoints(out: Path) -> list[str]:
@@ -164,8 +170,8 @@ def test_kill_9_anywhere_resumes_from_a_complete_checkpoint_to_the_same_weights(
     cmd = accelerate_launch(2, *two_process_args(digits_shards), "--output-dir", out, "--resume", "auto")
     lost = []
 
-    # (a) mid-interval: every process, between the checkpoints of steps 4 and 8
-    run_a = launch(cmd)
+    # (a) mid-interval: every process, between the checkpoints of steps 4 and 8 (held at step 6 until killed)
+    run_a = launch(cmd, env=held_at(6))
     run_a.wait_for_line("step 6 ")
     run_a.kill_all()
     assert checkpoints(out) == ["step-00000004"], run_a.output
@@ -180,8 +186,8 @@ def test_kill_9_anywhere_resumes_from_a_complete_checkpoint_to_the_same_weights(
     assert not (partial / "progress.json").exists() and not (out / "checkpoints" / "step-00000008").exists()
     lost.append(run_b.last_step() - 4)
 
-    # (c) after the last step, during the epoch-end evaluation, before the epoch-end checkpoint
-    run_c = launch(cmd)
+    # (c) after the last step, before the epoch-end evaluation and its checkpoint
+    run_c = launch(cmd, env=held_at(22))
     run_c.wait_for_line("step 22 ")
     run_c.kill_all()
     assert f"removed {partial}" in run_c.output, "the half-written checkpoint is cleaned up"
@@ -438,7 +444,7 @@ def test_sigterm_to_every_process_or_sigusr1_to_one_rank_stops_all_at_one_step_w
     out = tmp_path / "run"
     cmd = accelerate_launch(2, *two_process_args(digits_shards), "--workers", "1", "--output-dir", out,
                             "--resume", "auto")
-    stopped = launch(cmd)
+    stopped = launch(cmd, env=held_at(3))  # held at step 3 until the signal reaches each rank
     stopped.wait_for_line("step 3 ")
     tree = [psutil.Process(stopped.proc.pid), *psutil.Process(stopped.proc.pid).children(recursive=True)]
     assert all(rank.children() for rank in stopped.workers().values()), "each rank's loader worker is running"
@@ -451,9 +457,11 @@ def test_sigterm_to_every_process_or_sigusr1_to_one_rank_stops_all_at_one_step_w
     assert re.findall(r"stopped by signal at step (\d+)", output) == ["10"], output
     assert stopped.last_step() == 10, "no rank went past the agreed step"
 
-    stopped = launch(cmd)
+    release = tmp_path / "release"  # rank 0 leaves step 11 on its signal; rank 1 once the signal is sent
+    stopped = launch(cmd, env=held_at(11, release))
     stopped.wait_for_line("step 11 ")
     stopped.workers()[0].send_signal(signal.SIGUSR1)
+    release.touch()
     assert stopped.wait(timeout=240) == 1, stopped.output
     output = stopped.output
     assert f"resumed from {out / 'checkpoints' / 'step-00000010'} at step 10 " in output

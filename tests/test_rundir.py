@@ -54,6 +54,8 @@ def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     lock, problem = take_lock(tmp_path / "f")
     assert lock is None and problem == f"--output-dir {tmp_path / 'f'} exists and is not a directory"
+    lock, problem = take_lock(tmp_path / "f" / "run")  # below a file: mkdir's NotADirectoryError, in one line
+    assert lock is None and problem == f"cannot use --output-dir {tmp_path / 'f' / 'run'}: Not a directory"
 
 
 def test_a_new_run_is_refused_over_another_runs_checkpoints_or_model_unless_asked_to_replace_it(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 import yaml
 
@@ -28,6 +29,23 @@ def test_run_info_holds_the_resolved_recipe_and_the_versions(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.flat()
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["world_size"] == 1 and {"torch", "timm", "accelerate", "webdataset"} <= set(info["versions"])
+    assert info["decoder"] == "none (synthetic data)"
+
+
+@pytest.mark.parametrize("decode, augment, expected", [
+    ("cpu", [], "in the loader workers: "), ("cpu", ["--color-jitter", "0.4"], "in the loader workers: PIL"),
+    ("device", [], "on the device: ")])
+def test_run_info_says_which_decoder_the_training_images_go_through(tmp_path, decode, augment, expected):
+    from data import region_decode
+
+    cfg = parse_config(["--data-dir", str(tmp_path), "--decode", decode, *augment])
+    write_run_info(cfg, one_process(), tmp_path)
+    decoder = json.loads((tmp_path / "run_info.json").read_text())["decoder"]
+    assert decoder.startswith(expected)
+    assert ("region decode" in decoder) == (region_decode.available() and not augment)
+    if decode == "device":  # the name of the decoder the loader's device decoder chose
+        write_run_info(cfg, one_process(), tmp_path, SimpleNamespace(device_decoder="nvimgcodec"))
+        assert json.loads((tmp_path / "run_info.json").read_text())["decoder"].startswith("on the device: nvimgcodec")
 
 
 def test_each_rank_draws_its_own_mixup_and_erasing_and_the_same_rank_the_same():

@@ -39,3 +39,12 @@ def test_positions_of_an_epoch_are_found_in_the_shard_order_given(shard_files):
 def test_in_order_holds_each_sample_until_its_turn():
     arriving = iter([(0, "a"), (1, "b"), (2, "c"), (3, "d")])
     assert list(in_order([2, 0, 3, 1], arriving)) == ["c", "a", "d", "b"]
+
+
+def test_a_shard_with_more_samples_than_its_manifest_lists_is_named(shard_files):
+    """The reader whose run ends at the shard's end looks one sample further: a manifest that says 3 for a
+    shard of 4 was read as 3, the evaluation then 'short' of nothing and the fourth image never seen."""
+    with pytest.raises(DataError, match=f"shard {shard_files[0]} holds more samples than the 3 its manifest lists"):
+        list(read_samples(shard_files[0], [1, 2], expected=3))
+    assert [i for i, _ in read_samples(shard_files[0], [1, 2], expected=4)] == [1, 2]  # not at the end: no look
+    assert [i for i, _ in read_samples(shard_files[0], [3], expected=4)] == [3]  # exactly as listed

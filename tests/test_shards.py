@@ -1,6 +1,7 @@
 """The shard writer (data/shards.py, CLI data/make_shards.py) on small image trees made here with PIL."""
 
 import io
+import os
 import json
 import tarfile
 from pathlib import Path
@@ -105,10 +106,9 @@ def test_odd_files_are_converted_or_skipped_and_reported(tmp_path):
     # PNG transparency is flattened onto white: half-transparent red becomes light red
     red = Image.open(io.BytesIO(samples[f"{syn}/png.JPEG"]["jpg"])).getpixel((5, 5))
     assert red[0] > 240 and 110 < red[1] < 145, red
-    skipped = (out / "skipped.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[1] for line in skipped) == [str(root / syn / "notes.txt"),
-                                                              str(root / syn / "truncated.JPEG")]
-    assert all(line.startswith("train\t") for line in skipped)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(e["path"] for e in skipped) == [str(root / syn / "notes.txt"), str(root / syn / "truncated.JPEG")]
+    assert all(e["split"] == "train" for e in skipped)
     assert json.loads((out / "_info.json").read_text())["splits"]["train"]["num_skipped"] == 2
     assert result.num_samples == 3 + 3
 
@@ -145,7 +145,8 @@ def test_flat_val_folder_with_label_file(tmp_path, label_style):
     assert code == 0
     got = {s["fname.txt"].decode(): int(s["cls"]) for s in read_split(out, "val")}
     assert got == truth
-    assert "unlabelled.JPEG\tno label" in (out / "skipped.txt").read_text()
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["reason"]) for e in skipped] == [(str(val / "unlabelled.JPEG"), "no label in the label file")]
 
 
 def test_flat_val_folder_with_devkit_ground_truth(tmp_path):
@@ -175,7 +176,8 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert make_shards(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: output folder already holds shards: {tmp_path / 'out'} (pass --overwrite to replace them)"
+    assert err == (f"error: output folder already holds train shards: {tmp_path / 'out'} "
+                   "(pass --overwrite to replace them)")
     assert make_shards(args + ["--overwrite", "--shard-size", "1"]) == 0
     assert "train: 6 written in 6 shards, 0 skipped" in capsys.readouterr().out
 
@@ -191,7 +193,7 @@ def test_library_errors_name_its_parameters_not_the_cli_flags(tmp_path):
     write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(workers=1))
     with pytest.raises(OutputExists) as e:
         write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(workers=1))
-    assert str(e.value) == f"output folder already holds shards: {tmp_path / 'out'}"
+    assert str(e.value) == f"output folder already holds train shards: {tmp_path / 'out'}"
 
 
 @pytest.mark.parametrize("args, named", [
@@ -223,3 +225,49 @@ def test_timm_wds_reader_reads_our_shards(tmp_path):
     assert len(got) == len(train)
     assert sorted(t for _, _, t in got) == sorted(train.values())
     assert {(m, s) for m, s, _ in got} == {("RGB", (40, 30))}
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max-side", "0", "--max-side must be at least 1, got 0"),  # was a ZeroDivisionError in the pool
+    ("--max-side", "-5", "--max-side must be at least 1, got -5"),  # was "0 written ... 200 skipped", exit 0
+    ("--quality", "150", "--quality must be between 1 and 100, got 150"),
+    ("--workers", "0", "--workers must be at least 1, got 0"),
+])
+def test_numeric_options_out_of_range_are_one_line_and_write_nothing(tmp_path, capsys, flag, value, expected):
+    _tree(tmp_path / "train", 1)
+    code = make_shards(["--train-dir", str(tmp_path / "train"), "--out", str(tmp_path / "out"), flag, value])
+    assert (code, capsys.readouterr().err) == (2, f"error: {expected}\n")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="^max_side must be at least 1, got 0$"):
+        write_dataset(tmp_path / "out", tmp_path / "train", cfg=WriterConfig(max_side=0))
+
+
+def test_a_split_of_which_nothing_could_be_written_is_an_error(tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / "train" / "a" / f"{i}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "a" / f"{i}.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code = make_shards(["--train-dir", str(tmp_path / "train"), "--out", str(out), "--workers", "1"])
+    first = tmp_path / "train" / "a" / "0.txt"
+    assert (code, capsys.readouterr().err) == (
+        2, f"error: no train sample written from {tmp_path / 'train'}: all 3 files were skipped, the first: "
+           f"{first}: not an image file PIL can read\n")
+    assert sorted(p.name for p in out.iterdir()) == []  # no shard, no manifest: nothing looks complete
+
+
+def test_skipped_list_round_trips_any_file_name(tmp_path):
+    root = tmp_path / "train"
+    _tree(root, 1)
+    odd = root / CLASSES[0] / "two\nlines.JPEG"
+    odd.write_text("not an image")
+    # a name that is not UTF-8: a real image, written (its name's own bytes in fname.txt), and a bad one
+    folder = os.fsencode(root / CLASSES[1])
+    Image.new("RGB", (8, 8)).save(folder + b"/\xff.JPEG", format="JPEG")
+    with open(folder + b"/\xfe.JPEG", "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    write_dataset(out, root, cfg=WriterConfig(workers=1))
+    paths = [json.loads(line)["path"] for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(map(os.fsencode, paths)) == sorted([os.fsencode(odd), folder + b"/\xfe.JPEG"])
+    assert CLASSES[1].encode() + b"/\xff.JPEG" in {
+        s["fname.txt"] for s in read_split(out, "train")}

@@ -127,10 +127,10 @@ def local_overrides(nodes: int = 1) -> list[str]:
             f"--cpus-per-task={os.cpu_count()}", "--time=10"]
 
 
-def submit(env: dict, script: str, out: Path, args: list[str]) -> str:
-    """sbatch SCRIPT with 2 CPU processes (the variables node.sh honours); the job id."""
+def submit(env: dict, script: str, out: Path, args: list[str], **extra: str) -> str:
+    """sbatch SCRIPT with 2 CPU processes (the variables node.sh honours) and `extra` variables; the job id."""
     job_env = dict(env, PROCS_PER_NODE="2", ACCELERATE_CONFIG=CPU_CONFIG, OUTPUT_DIR=str(out / "run"),
-                   VENV=sys.prefix)
+                   VENV=sys.prefix, **extra)
     result = subprocess.run(
         ["sbatch", "--parsable", "--job-name=test-slurm", f"--output={out}/%x-%j.out", *local_overrides(),
          str(SLURM / script), *args],
@@ -253,7 +253,9 @@ def test_one_node_job_trains_to_the_end_on_both_ranks(finished_run):
 
 @pytest.mark.timeout(400)
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, digits, finished_run, tmp_path):
-    job = submit(cluster, "one_node.sbatch", tmp_path, train_args(digits))
+    # Each rank holds at step 10 until the signal reaches it (a test hook), so a busy machine cannot let the
+    # run finish before the signal lands; the rerun resumes at 10 and never meets step 10 again.
+    job = submit(cluster, "one_node.sbatch", tmp_path, train_args(digits), RESNET_FAULT_PAUSE_AT_STEP="10")
     wait_for_log(cluster, job, tmp_path, SIGNAL_AFTER, timeout=150)
     # What --signal=B:USR1@120 does before the time limit, now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
