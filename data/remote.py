@@ -2,12 +2,14 @@
 
 ``http://`` and ``https://`` go through the standard library's HTTP client (never a shell: a URL is data, not
 a command); ``s3://`` and ``gs://`` through fsspec (s3fs / gcsfs, optional: ``pip install .[s3]`` / ``[gcs]``;
-credentials and an S3-compatible endpoint come from their usual environment variables). Local paths and
-``pipe:`` commands keep webdataset's ``gopen``.
+credentials and an S3-compatible endpoint come from their usual environment variables); a ``pipe:`` command
+runs as the user wrote it (a shell command, as in webdataset) and its standard output is the stream. Local
+paths keep webdataset's ``gopen``.
 
 A read that fails or stalls (connection reset, a timeout, a 5xx answer, a body shorter than announced) is
 retried after an exponential backoff with jitter, and continues at the byte where it stopped (an HTTP
-``Range`` request; a ranged read through fsspec), so the bytes a reader sees, and the samples of the epoch,
+``Range`` request; a ranged read through fsspec; a ``pipe:`` command that exits non-zero or stalls is run
+again and the bytes already read are dropped), so the bytes a reader sees, and the samples of the epoch,
 are the same as if nothing had failed. Each retry is a warning naming the shard, the byte, the attempt and
 the cause, and is counted (``ShardReads.retries``, shared by a loader's worker processes). When the retries
 are exhausted the read raises ``DataOutage``. A skip forward (a reader seeking past samples it does not
@@ -20,13 +22,18 @@ that reaches a message goes through ``redact``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import logging
 import multiprocessing
+import os
 import random
 import re
+import select
+import signal
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -52,8 +59,14 @@ def redact(text: str) -> str:
 
 
 def is_remote(url: str) -> bool:
-    """Whether ``url`` is read through this module (HTTP or an object store) rather than webdataset's gopen."""
+    """Whether ``url`` names an HTTP or object-store location (a URL prefix, a shard, a manifest)."""
     return url.startswith(HTTP_SCHEMES + FSSPEC_SCHEMES)
+
+
+def is_retried(url: str) -> bool:
+    """Whether reads of ``url`` go through ``ResumableStream``, retried and able to end in a DataOutage: remote
+    URLs and ``pipe:`` commands (which usually fetch from a store too); local files fail at once."""
+    return is_remote(url) or url.startswith("pipe:")
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,51 @@ def open_fsspec(url: str, pos: int, timeout: float):
     return f, f.size
 
 
+class PipeBody:
+    """A ``pipe:`` command's standard output, read with a timeout: a read that waits ``timeout`` seconds for a
+    byte fails, and so does the end of a command that exits non-zero (a fetch that broke off), so both are
+    retried like a reset connection."""
+
+    def __init__(self, command: str, timeout: float):
+        # shell=True: a pipe: command is a shell command line the user wrote, as webdataset runs it. Shard names
+        # never reach it (a manifest's names with a scheme are refused in data/sources.py).
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,  # noqa: S602
+                                     start_new_session=True)
+        self.timeout, self.command = timeout, command
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            chunks = list(iter(lambda: self.read(1 << 20), b""))
+            return b"".join(chunks)
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"no byte from the pipe: command in {self.timeout:g} s")
+        data = os.read(self.proc.stdout.fileno(), n)
+        if not data:
+            code = self.proc.wait(timeout=self.timeout)
+            if code:
+                raise OSError(f"the pipe: command exited with status {code}")
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the command and what it started (curl | ...)
+        self.proc.stdout.close()
+        self.proc.wait()
+
+
+def open_pipe(url: str, pos: int, timeout: float):
+    """(stdout of the ``pipe:`` command, positioned at ``pos`` by dropping what the earlier runs gave, None)."""
+    body = PipeBody(url[len("pipe:"):], timeout)
+    try:
+        _drop(body, pos)
+    except BaseException:
+        body.close()
+        raise
+    return body, None
+
+
 def _drop(stream, n: int) -> None:
     while n > 0:
         got = len(stream.read(min(n, 1 << 20)))
@@ -167,7 +225,8 @@ class ResumableStream(io.RawIOBase):
     def __init__(self, url: str, reads: "ShardReads"):
         super().__init__()
         self.url, self.reads, self.name = url, reads, redact(url)
-        self.transport = open_http if url.startswith(HTTP_SCHEMES) else open_fsspec
+        self.transport = (open_http if url.startswith(HTTP_SCHEMES) else open_pipe if url.startswith("pipe:")
+                          else open_fsspec)
         self.pos, self.target, self.total, self.body = 0, 0, None, None
         self._rng = random.Random()  # jitter only: the global generators belong to augmentation
 
@@ -270,10 +329,11 @@ class ShardReads:
 
     @contextmanager
     def open(self, url: str):
-        """A binary stream of the shard or file at ``url``: remote ones resumable, the others through gopen."""
-        if is_remote(url) and self.cache is not None:
+        """A binary stream of the shard or file at ``url``: remote ones and pipe: commands resumable, local
+        files through gopen."""
+        if is_retried(url) and self.cache is not None:
             stream = self.cache.open(url, lambda: ResumableStream(url, self))
-        elif is_remote(url):
+        elif is_retried(url):
             stream = ResumableStream(url, self)
         else:
             import webdataset as wds
@@ -286,7 +346,7 @@ class ShardReads:
 
     def read_text(self, url: str) -> str:
         """A small file (a manifest), whole; remote ones retried, never cached."""
-        if not is_remote(url):
+        if not is_retried(url):
             with self.open(url) as f:
                 return f.read().decode("utf-8")
         with ResumableStream(url, self) as f:

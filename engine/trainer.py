@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from data.errors import DataOutage
-from data.remote import is_remote
+from data.remote import is_retried
 
 from . import console
 from .batches import Batches
@@ -39,7 +39,7 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.guard = NonFiniteGuard(accelerator.device, cfg.optim.max_nonfinite_steps)
         self.data_counts = DataCounts()
-        self.data = DataWatch(accelerator, remote=is_remote(cfg.data.data_dir or ""),
+        self.data = DataWatch(accelerator, remote=is_retried(cfg.data.data_dir or ""),
                               timeout_s=cfg.runtime.dist_timeout)
         self.size_said = None  # the training size last announced on the console
         self.saved_step = -1  # the step of the newest checkpoint this run wrote

@@ -220,3 +220,30 @@ def test_a_manifest_store_that_stays_down_is_an_outage_under_the_runs_policy(ser
     with pytest.raises(DataOutage, match="_info.json unreadable at byte 0 after 2 attempts"):
         resolve_shards(server.url, "train", reads=reads)
     assert reads.retries == 1
+
+
+def test_a_pipe_command_that_breaks_off_or_stalls_is_run_again_from_the_byte_it_reached(tmp_path, digits_shards,
+                                                                                         caplog):
+    """A pipe: command that exits non-zero after 5,000 bytes, then one that stalls after 20,000: each is run
+    again, what the earlier runs gave is dropped, and the samples are the local shard's."""
+    import shlex
+
+    shard, runs = digits_shards / "train-000003.tar", tmp_path / "runs"
+    q = {"shard": shlex.quote(str(shard)), "runs": shlex.quote(str(runs))}
+    command = ("pipe:echo run >> {runs}; n=$(wc -l < {runs}); "
+               "if [ $n = 1 ]; then head -c 5000 {shard}; exit 3; fi; "
+               "if [ $n = 2 ]; then head -c 20000 {shard}; exec sleep 30; fi; cat {shard}").format(**q)
+    reads = ShardReads(RetryPolicy(retries=4, timeout=1.5, first_delay=0.001))
+    with caplog.at_level(logging.WARNING, logger="data"):
+        got = keys_and_labels(read_shard(command, reads))
+    assert got == keys_and_labels(read_shard(str(shard))) and len(got) == 128
+    assert reads.retries == 2 and runs.read_text().count("run") == 3
+    warned = [r.getMessage() for r in caplog.records]
+    assert "read failed at byte 5000 (OSError: the pipe: command exited with status 3)" in warned[0], warned
+    assert "read failed at byte 20000 (TimeoutError: no byte from the pipe: command in 1.5 s)" in warned[1], warned
+
+
+def test_a_pipe_command_that_keeps_failing_is_an_outage(tmp_path):
+    reads = ShardReads(RetryPolicy(retries=2, timeout=1.5, first_delay=0.001))
+    with pytest.raises(DataOutage, match=r"unreadable at byte 0 after 3 attempts .*exited with status 7"):
+        list(read_shard("pipe:exit 7", reads))
