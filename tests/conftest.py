@@ -23,6 +23,25 @@ def digits_shards(tmp_path_factory) -> Path:
     return out / "shards"
 
 
+@pytest.fixture(scope="session")
+def small_digits_shards(digits_shards, tmp_path_factory) -> Path:
+    """Every third image of each class of ``digits_shards`` (484 train / 122 val) in shards of 40: the same
+    data and shard layout a third the size, for end-to-end runs whose assertions hold at any size (exact
+    resume, counts), so each of their epochs costs a third."""
+    import shutil
+
+    from data.shards import WriterConfig, write_dataset
+
+    out = tmp_path_factory.mktemp("small_digits")
+    for split in ("train", "val"):
+        for folder in sorted((digits_shards.parent / "raw" / split).iterdir()):
+            (out / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[::3]:
+                shutil.copy(image, out / split / folder.name / image.name)
+    write_dataset(out / "shards", out / "train", out / "val", cfg=WriterConfig(shard_size=40, workers=1))
+    return out / "shards"
+
+
 def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
     """Run a command from the repository root; on failure the assertion shows its output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -82,7 +82,10 @@ def test_the_trainer_refuses_a_second_run_into_a_live_or_finished_run_with_one_l
     out = tmp_path / "run"
     live = subprocess.Popen(trainer(*SYNTHETIC, "--synthetic-steps", "100000", "--epochs", "1", "--output-dir", out),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            # held after step 1 (the fault hook), so it keeps the lock without taking a core
+                            # from the runs started beside it
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                                 "RESNET_FAULT_PAUSE_AT_STEP": "1"})
     try:
         deadline = time.monotonic() + 180
         for line in live.stdout:  # under way: it holds the lock

@@ -101,11 +101,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data.digits", str(out)], cwd=REPO, check=True, capture_output=True,
-                   timeout=180)
-    return out / "shards"
+def digits(digits_shards) -> Path:
+    """conftest's session-wide digits shards: made once for the suite, not again in a subprocess here."""
+    return digits_shards
 
 
 @pytest.fixture(scope="module")
