@@ -45,20 +45,23 @@ def test_a_schedule_that_cannot_be_is_one_line(argv, message, capsys):
     assert message in err and err.count("\n") == 1, err
 
 
-def test_compile_gets_room_for_a_graph_per_training_size(monkeypatch):
+def test_compile_gets_room_for_a_graph_per_training_size():
     """Past dynamo's recompile limit a compiled model silently runs eager: every size needs its graph."""
     import torch._dynamo
 
     from engine.runtime import allow_a_graph_per_size
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    many = [str(s) for s in range(64, 64 + 32 * 12, 32)]  # 12 sizes
-    cfg = parse_config(["--synthetic", "--epochs", "12", "--res-schedule", *many])
-    schedule = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
-    allow_a_graph_per_size(len(schedule.sizes()))
-    assert torch._dynamo.config.recompile_limit >= 12 + 2
-    allow_a_graph_per_size(1)  # never lowered
-    assert torch._dynamo.config.recompile_limit >= 12 + 2
+    # dynamo's own patch: monkeypatch's undo deletes the setting from dynamo's config module (later reads fail)
+    before = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=8):
+        many = [str(s) for s in range(64, 64 + 32 * 12, 32)]  # 12 sizes
+        cfg = parse_config(["--synthetic", "--epochs", "12", "--res-schedule", *many])
+        schedule = ResolutionSchedule(cfg.resolution, cfg.data.image_size, cfg.schedule.epochs)
+        allow_a_graph_per_size(len(schedule.sizes()))
+        assert torch._dynamo.config.recompile_limit >= 12 + 2
+        allow_a_graph_per_size(1)  # never lowered
+        assert torch._dynamo.config.recompile_limit >= 12 + 2
+    assert torch._dynamo.config.recompile_limit == before, "the setting is back, and readable, after the test"
 
 
 def test_workers_default_to_the_cores_and_more_is_said_once_without_torchs_warning(monkeypatch, capsys):
