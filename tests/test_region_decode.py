@@ -3,6 +3,7 @@ those of a full decode cropped to the box, the images it does not take go today'
 and the loader's batches do not change."""
 
 import io
+import platform
 import random
 import subprocess
 import sys
@@ -17,7 +18,10 @@ from data.shards import WriterConfig, write_dataset
 from data.transforms import (REGION_MAX_SHRINK, DecodeRandomResizedCrop, _decode_jpeg, jpeg_header, resize_crop,
                              train_transform)
 
-needs_nvimgcodec = pytest.mark.skipif(not region_decode.available(), reason="nvImageCodec is not installed")
+# Where setup.cfg installs it (Linux x86_64/aarch64) these tests run, and fail if it does not load: a skip there
+# would hide a broken install. Elsewhere no wheel exists and the workers decode as before.
+WHEELS = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+needs_nvimgcodec = pytest.mark.skipif(not WHEELS, reason="nvImageCodec has no wheel for this platform")
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
