@@ -4,6 +4,7 @@
 #   tests/slurm_cluster.sh up DIR     install SLURM + munge if missing, start munged, slurmctld, slurmd
 #                                     with a config, state and logs under DIR; prints SLURM_CONF=DIR/slurm.conf
 #   tests/slurm_cluster.sh down DIR   cancel the jobs, stop the daemons this script started
+#   tests/slurm_cluster.sh config DIR write DIR/slurm.conf only (what `up` would start the daemons with)
 #
 # Needs root (the daemons and the jobs run as root). Ports come from SLURMCTLD_PORT / SLURMD_PORT
 # (default 6817 / 6818) and job ids start at FIRST_JOB_ID (default 1), so that two clusters can live
@@ -47,6 +48,8 @@ start_munge() {
     wait_until 10 "munged" munge_ok
 }
 
+# The node's CPUs are the machine's (nproc --all), not those this shell may run on: under `taskset -c 0`
+# (tests/under_load.py --cpus 0) plain nproc says 1, and the 2-task jobs were refused or pended forever.
 write_config() {
     local host ctld_port=${SLURMCTLD_PORT:-6817} slurmd_port=${SLURMD_PORT:-6818}
     host=$(hostname -s)
@@ -78,7 +81,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc --all) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -128,10 +131,11 @@ down() {
     fi
 }
 
-[[ $# == 2 ]] || die "usage: $0 up|down DIR"
+[[ $# == 2 ]] || die "usage: $0 up|down|config DIR"
 dir=$2
 case $1 in
     up) up ;;
     down) down ;;
-    *) die "usage: $0 up|down DIR" ;;
+    config) write_config ;;
+    *) die "usage: $0 up|down|config DIR" ;;
 esac

@@ -227,6 +227,18 @@ def test_batch_scripts_share_their_body():
     assert bodies[0] == bodies[1], "below the #SBATCH header one_node.sbatch and multi_node.sbatch must agree"
 
 
+def test_the_cluster_has_the_machines_cpus_when_started_pinned_to_one(tmp_path):
+    """Found by tests/under_load.py --cpus 0: the config took the node's CPUs from nproc, which counts only the
+    CPUs the calling process may use; pinned to one core the 2-task jobs were refused and the next one pended
+    until its test timed out."""
+    if os.cpu_count() < 2 or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs a machine with 2 CPUs or more, and CPU affinity, to pin the script to one of them")
+    subprocess.run(["bash", str(CLUSTER_SCRIPT), "config", str(tmp_path)], check=True, timeout=30,
+                   preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    cpus = re.search(r"^NodeName=.* CPUs=(\d+) ", (tmp_path / "slurm.conf").read_text(), re.M)
+    assert cpus and int(cpus.group(1)) == os.cpu_count()
+
+
 @pytest.mark.timeout(600)  # the first test to need the cluster: may install SLURM (apt-get) first
 @pytest.mark.parametrize("script", BATCH_SCRIPTS, ids=lambda p: p.name)
 def test_sbatch_test_only_accepts_the_script(cluster, script):
