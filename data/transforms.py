@@ -39,6 +39,9 @@ except ImportError:
     decode_jpeg = None
 
 _TORCH_RESIZE = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+# Where torchvision resizes uint8 bilinear natively on the CPU (its _do_native_uint8_resize_on_cpu: AVX2 and
+# up); elsewhere (aarch64 included, to stay on torchvision's path) resize_crop leaves it to torchvision
+_NATIVE_UINT8_BILINEAR = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # Crops this many times the output or more take PIL's draft decode even where a region decode is possible:
 # at 1/4 scale and below it does less work (measured, docs/benchmarks.md "Data loader"); at 1/2 it does not
 REGION_MAX_SHRINK = 4
@@ -101,7 +104,31 @@ def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: tuple
     """
     i, j, h, w = box
     crop = image[None, :, i:i + h, j:j + w].contiguous(memory_format=torch.channels_last)
-    return F2.resize(crop, list(size), interpolation=interpolation, antialias=True)[0]
+    if interpolation != InterpolationMode.BILINEAR or crop.device.type != "cpu" or not _NATIVE_UINT8_BILINEAR:
+        return F2.resize(crop, list(size), interpolation=interpolation, antialias=True)[0]
+    if (h, w) == tuple(size):
+        return crop[0]
+    # What torchvision's resize_image does here, step for step, without its dispatch and usage logging:
+    # ~0.03 ms of the loader's ~1.0 ms per image (docs/benchmarks.md, "Decoding only the crop"). A batch
+    # stride equal to the numel makes torch allocate the output channels_last (pytorch#68430). Pixels and
+    # strides tested equal to torchvision's in tests/test_region_decode.py.
+    crop = crop.reshape(1, crop.shape[1], h, w)
+    strides = crop.stride()
+    if crop.is_contiguous(memory_format=torch.channels_last) and crop.numel() != strides[0]:
+        crop = crop.as_strided(crop.shape, (crop.numel(), *strides[1:]))
+    return torch.nn.functional.interpolate(crop, size=list(size), mode="bilinear", align_corners=False,
+                                           antialias=True)[0]
+
+
+class HorizontalFlip(RandomHorizontalFlip):
+    """torchvision's RandomHorizontalFlip (the same one draw from torch's generator, the same pixels) called
+    without nn.Module's call machinery and torchvision's per-call usage logging: ~0.02 ms of the loader's
+    ~1.0 ms per image (docs/benchmarks.md, "Decoding only the crop")."""
+
+    def __call__(self, img):
+        if torch.rand(1) < self.p:
+            return img.flip(-1) if isinstance(img, torch.Tensor) else img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
 
 
 class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
@@ -179,7 +206,7 @@ class DecodeForResize:
 
 def train_transform(image_size: int, augment: TrainAugment):
     """timm's training transform for ``augment``, taking image bytes: its random-resized crop replaced
-    by the decoding one."""
+    by the decoding one, and its flip by the same flip called more cheaply."""
     tf = create_transform(
         input_size=image_size, is_training=True, use_prefetcher=True, re_prob=0.0,
         scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip, vflip=0.0,
@@ -194,6 +221,8 @@ def train_transform(image_size: int, augment: TrainAugment):
             # alone is as cheap on a tensor
             crop.tensor_output = not augment.auto_augment and not augment.color_jitter
             tf.transforms[k] = crop
+        elif type(t) is RandomHorizontalFlip:
+            tf.transforms[k] = HorizontalFlip(t.p)
     return tf
 
 

@@ -208,3 +208,41 @@ def test_the_loaders_batches_are_the_same_with_and_without_the_region_decoder(ph
         assert len(without) == len(with_region) == 6
         for (xa, ya), (xb, yb) in zip(without, with_region):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("crop, out", [((375, 500), (224, 224)), ((97, 61), (224, 224)), ((224, 224), (224, 224)),
+                                       ((301, 177), (160, 128)), ((1, 1), (32, 32)), ((400, 3), (64, 64))])
+def test_the_crops_resize_is_torchvisions(crop, out):
+    """resize_crop calls torch's kernel without torchvision's dispatch: the pixels and the channels_last memory
+    of torchvision's resize, from a decoder's HWC memory and from a plain CHW tensor alike."""
+    import torchvision.transforms.v2.functional as F2
+
+    h, w = crop
+    hwc = torch.from_numpy(np.asarray(_photo(w + 7, h + 5, seed=h * w))).permute(2, 0, 1)
+    for image in (hwc, hwc.contiguous()):
+        box = (3, 5, h, w)
+        want = F2.resize(image[None, :, 3:3 + h, 5:5 + w].contiguous(memory_format=torch.channels_last), list(out),
+                         antialias=True)[0]
+        got = resize_crop(image, box, out)
+        assert torch.equal(got, want)
+        assert got.stride() == want.stride()  # the same memory layout: HWC, as the batch keeps it
+
+
+def test_the_flip_is_torchvisions_flip_with_the_same_draw():
+    from torchvision.transforms import RandomHorizontalFlip
+
+    from data.transforms import HorizontalFlip
+
+    tf = train_transform(64, TrainAugment(hflip=0.3))
+    flips = [t for t in tf.transforms if isinstance(t, RandomHorizontalFlip)]
+    assert [type(t) for t in flips] == [HorizontalFlip] and flips[0].p == 0.3
+    tensor, pil = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(2, 3, 4), _photo(9, 5)
+    for image, same in ((tensor, torch.equal), (pil, lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)))):
+        torch.manual_seed(0)
+        ours = [HorizontalFlip(0.3)(image) for _ in range(40)]
+        after_ours = torch.rand(1)
+        torch.manual_seed(0)
+        theirs = [RandomHorizontalFlip(0.3)(image) for _ in range(40)]
+        assert torch.rand(1) == after_ours  # one draw per call, as torchvision's
+        assert all(same(a, b) for a, b in zip(ours, theirs))
+        assert 0 < sum(not same(a, image) for a in ours) < 40  # some flipped, some not
