@@ -17,7 +17,7 @@ def _pil_decode(b: bytes) -> None:
 def _region_stages(blobs: list[bytes], tf) -> dict:
     """The stages that data/region_decode.py adds or changes: each image's own box, drawn as the loader does."""
     from data import region_decode
-    from data.transforms import jpeg_header, resize_crop
+    from data.transforms import jpeg_header, resize_crop, val_transform
 
     crop = tf.transforms[0]
     drawn = [crop.draw(*jpeg_header(b)[:2])[0] for b in blobs]
@@ -46,6 +46,16 @@ def _region_stages(blobs: list[bytes], tf) -> dict:
         stages["nvImageCodec region decode of the drawn box (libjpeg-turbo)"] = regions(resize=False)
         stages["nvImageCodec region decode + resize to 224"] = regions(resize=True)
         stages["whole per-image transform (decode, crop, resize, flip), region decode"] = whole_transform
+        val = val_transform(224, 0.875)  # RegionResizeCrop, wrapping the whole-decode transform
+
+        def validation(tf):
+            def stage() -> int:
+                for b in blobs:
+                    tf(b)
+                return len(blobs)
+            return stage
+        stages["validation transform (resize 256, centre crop 224), whole decode"] = validation(val.transform)
+        stages["validation transform, region decode"] = validation(val)
     return stages
 
 

@@ -108,8 +108,8 @@ def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: tuple
         return F2.resize(crop, list(size), interpolation=interpolation, antialias=True)[0]
     if (h, w) == tuple(size):
         return crop[0]
-    # What torchvision's resize_image does here, step for step, without its dispatch and usage logging:
-    # ~0.03 ms of the loader's ~1.0 ms per image (docs/benchmarks.md, "Decoding only the crop"). A batch
+    # What torchvision's resize_image does here, step for step, without its dispatch and usage logging, which
+    # cost a few percent of the loader's CPU per image (docs/benchmarks.md, "Decoding only the crop"). A batch
     # stride equal to the numel makes torch allocate the output channels_last (pytorch#68430). Pixels and
     # strides tested equal to torchvision's in tests/test_region_decode.py.
     crop = crop.reshape(1, crop.shape[1], h, w)
@@ -122,8 +122,8 @@ def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: tuple
 
 class HorizontalFlip(RandomHorizontalFlip):
     """torchvision's RandomHorizontalFlip (the same one draw from torch's generator, the same pixels) called
-    without nn.Module's call machinery and torchvision's per-call usage logging: ~0.02 ms of the loader's
-    ~1.0 ms per image (docs/benchmarks.md, "Decoding only the crop")."""
+    without nn.Module's call machinery and torchvision's per-call usage logging, which cost a few percent of
+    the loader's CPU per image (docs/benchmarks.md, "Decoding only the crop")."""
 
     def __call__(self, img):
         if torch.rand(1) < self.p:
@@ -251,7 +251,72 @@ def val_transform(image_size: int, crop_pct: float, resize: int | None = None, i
     tf = create_transform(input_size=image_size, is_training=False, use_prefetcher=True, crop_pct=crop_pct,
                           interpolation="bilinear" if interpolation == "random" else interpolation)
     tf.transforms.insert(0, DecodeForResize(math.floor(image_size / crop_pct)))
-    return tf
+    return RegionResizeCrop(tf) if region_decode.available() else tf
+
+
+# PIL's filter support, in source pixels at scale 1: how far outside the crop its resampling reads
+_PIL_SUPPORT = {InterpolationMode.BILINEAR: 1.0, InterpolationMode.BICUBIC: 2.0, InterpolationMode.LANCZOS: 3.0}
+
+
+class RegionResizeCrop:
+    """val_transform's shorter-side resize and centre crop, computed from only the region of the JPEG that the
+    crop's resampling reads, where nvImageCodec takes the image; ``transform`` (the whole decode) otherwise.
+
+    The centre crop keeps ~77 % of the resized image (224 of 256 px a side), and the rows below it need no
+    entropy decoding: on bench_loader's photos this path takes about a quarter less CPU per image
+    (docs/benchmarks.md, "Decoding only the crop"). PIL resamples the crop's box straight from the region
+    (``resize(box=...)``: the same filter centres and support as resizing the whole image, then cropping), so
+    the output is today's up to the rounding of the box's coordinates: within 1 level, on ~0.1 % of values
+    (tested in tests/test_region_decode.py). Photos that DecodeForResize draft-decodes (short side 2x the
+    resize or more) keep that path: it is cheaper.
+    """
+
+    def __init__(self, transform):
+        self.transform, self.transforms = transform, transform.transforms  # PlanResize reads the steps
+        steps = [type(t) for t in transform.transforms]
+        self.taken = steps == [DecodeForResize, Resize, CenterCrop, MaybePILToTensor]
+        if self.taken:
+            resize, crop = transform.transforms[1], transform.transforms[2]
+            self.resize = resize.size if isinstance(resize.size, int) else resize.size[0]
+            self.taken = (isinstance(resize.size, int) or len(resize.size) == 1) and resize.max_size is None \
+                and resize.interpolation in _PIL_SUPPORT
+            self.interpolation, (self.crop_h, self.crop_w) = resize.interpolation, crop.size
+
+    def __call__(self, data: bytes):
+        image = self.region_resized(data) if self.taken else None
+        return self.transform(data) if image is None else F.pil_to_tensor(image)
+
+    def region_resized(self, data: bytes) -> Image.Image | None:
+        """The resized centre crop from the decoded region, or None where the image goes the usual way."""
+        header = jpeg_header(data)
+        if header is None or not region_decode.takes(header, data):
+            return None
+        w, h = header[:2]
+        short, long = min(w, h), max(w, h)
+        if self.resize / short <= 0.5:
+            return None  # DecodeForResize decodes it at a reduced DCT scale
+        # torchvision's Resize and CenterCrop, in numbers: the resized size, the crop's place in it
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if new_w < self.crop_w or new_h < self.crop_h:
+            return None  # CenterCrop pads
+        top, left = int(round((new_h - self.crop_h) / 2.0)), int(round((new_w - self.crop_w) / 2.0))
+        sx, sy = w / new_w, h / new_h
+        x0, y0, x1, y1 = left * sx, top * sy, (left + self.crop_w) * sx, (top + self.crop_h) * sy
+        # the region: the crop's box in the photo, widened by the filter's reach (and a pixel for rounding)
+        support = _PIL_SUPPORT[self.interpolation]
+        mx, my = math.ceil(support * max(sx, 1.0)) + 1, math.ceil(support * max(sy, 1.0)) + 1
+        rx0, ry0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+        rx1, ry1 = min(w, math.ceil(x1) + mx), min(h, math.ceil(y1) + my)
+        pixels = region_decode.decode_region(data, (ry0, rx0, ry1 - ry0, rx1 - rx0))
+        if pixels is None:
+            return None
+        region = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        return region.resize((self.crop_w, self.crop_h), F.pil_modes_mapping[self.interpolation],
+                             box=(x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
 
 
 # ---------------------------------------------------------------- --decode device: what the workers ship

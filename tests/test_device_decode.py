@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 import data.device_decode
-from data import build_train_loader, build_val_loader
+from data import build_train_loader, build_val_loader, region_decode
 from data.shards import WriterConfig, write_dataset
 from data.transforms import DecodeRandomResizedCrop, PlanCrop, TrainAugment, train_transform
 
@@ -133,7 +133,7 @@ def awkward_shards(tmp_path_factory) -> Path:
     return root
 
 
-def test_cmyk_png_and_truncated_images_get_the_cpu_paths_outcome(awkward_shards, caplog):
+def test_cmyk_png_and_truncated_images_get_the_cpu_paths_outcome(awkward_shards, caplog, monkeypatch):
     """The CMYK and PNG images are decoded by the worker on the CPU, exactly as with decode='cpu', and counted
     as CPU fallbacks; the truncated one fails there as it does on the CPU path: skipped, counted, named, and its
     place in the training batch taken by another image of the batch."""
@@ -146,6 +146,8 @@ def test_cmyk_png_and_truncated_images_get_the_cpu_paths_outcome(awkward_shards,
     assert device_loader.cpu_fallbacks == 2 and device_loader.bad_samples == 1
     assert [r.getMessage() for r in caplog.records if "truncated.JPEG" in r.getMessage()], caplog.text
 
+    # against the CPU's whole-image decode (the region path's own bound against it: tests/test_region_decode.py)
+    monkeypatch.setattr(region_decode, "available", lambda: False)
     val_cpu = epoch(build_val_loader(awkward_shards, batch_size=6, num_workers=0, image_size=32))
     val = build_val_loader(awkward_shards, batch_size=6, num_workers=0, image_size=32, decode_on="cpu")
     val_device = epoch(val)

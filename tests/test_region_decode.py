@@ -246,3 +246,65 @@ def test_the_flip_is_torchvisions_flip_with_the_same_draw():
         assert torch.rand(1) == after_ours  # one draw per call, as torchvision's
         assert all(same(a, b) for a, b in zip(ours, theirs))
         assert 0 < sum(not same(a, image) for a in ours) < 40  # some flipped, some not
+
+
+def _val_pair(crop: int, resize: int | None, interpolation: str):
+    """(validation transform with the region path, today's whole-decode transform it wraps)."""
+    from data.transforms import RegionResizeCrop, val_transform
+
+    tf = val_transform(crop, 0.875, resize, interpolation)
+    assert isinstance(tf, RegionResizeCrop) and tf.taken
+    return tf, tf.transform
+
+
+@needs_nvimgcodec
+@pytest.mark.parametrize("photo, options", [((500, 375), {}), ((375, 500), dict(subsampling=1)),
+                                            ((333, 251), dict(subsampling=0)), ((17, 9), {}),
+                                            ((201, 143), dict(restart_marker_blocks=3)), ((512, 256), {})],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("crop, resize, interpolation", [(224, None, "bilinear"), (96, 120, "bicubic"),
+                                                         (64, 64, "bilinear"), (128, None, "random")])
+def test_validation_from_the_region_is_within_one_level_of_the_whole_decode(photo, options, crop, resize,
+                                                                            interpolation, monkeypatch):
+    """The centre crop resampled from the decoded region only: within 1 level of resizing the whole image and
+    cropping, on few values, and it really ran (photos drafted by DecodeForResize, 2x the resize, excepted)."""
+    data = _jpeg(_photo(*photo, seed=sum(photo)), **{"quality": 90, **options})
+    tf, today = _val_pair(crop, resize, interpolation)
+    calls = []
+    decode = region_decode.decode_region
+    monkeypatch.setattr(region_decode, "decode_region", lambda d, box: calls.append(box) or decode(d, box))
+    new, old = tf(data), today(data)
+    assert new.shape == old.shape == (3, crop, crop) and new.dtype == torch.uint8
+    diff = (new.int() - old.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    drafted = tf.resize / min(photo) <= 0.5
+    assert bool(calls) != drafted
+    if calls:
+        (i, j, h, w), = calls
+        assert h * w < photo[0] * photo[1] or min(photo) < 2 * crop  # a region, unless the crop needs it all
+
+
+@needs_nvimgcodec
+@pytest.mark.parametrize("case", list(TAKEN))
+def test_validation_takes_todays_path_for_what_the_region_decoder_does_not_take(case, monkeypatch):
+    data = _fallbacks()[case]
+    tf, today = _val_pair(64, None, "bilinear")
+    if case == "truncated":
+        with pytest.raises(Exception) as new:
+            tf(data)
+        with pytest.raises(Exception) as old:
+            today(data)
+        assert type(new.value) is type(old.value)
+        return
+    new, old = tf(data), today(data)
+    assert (new.int() - old.int()).abs().max() <= (1 if TAKEN[case] else 0)
+
+
+def test_validation_without_nvimgcodec_is_todays_transform(monkeypatch):
+    from torchvision.transforms import Compose
+
+    from data.transforms import DecodeForResize, val_transform
+
+    monkeypatch.setattr(region_decode, "available", lambda: False)
+    tf = val_transform(64, 0.875)
+    assert type(tf) is Compose and isinstance(tf.transforms[0], DecodeForResize)
