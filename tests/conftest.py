@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,57 @@ def small_digits_shards(digits_shards, tmp_path_factory) -> Path:
 
 
 def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
-    """Run a command from the repository root; on failure the assertion shows its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    """Run a command from the repository root; on failure the assertion shows its output.
+
+    On a timeout every process it started (the launcher, the ranks in their own sessions, their loader workers)
+    prints its Python stacks (faulthandler, on SIGABRT) and is killed, and the test fails with those stacks and
+    the output so far: a hang says where it hung and leaves no orphans behind. (A hung validation under load,
+    tests/under_load.py, once left both ranks and their workers running after the launcher was killed, and
+    subprocess.run's timeout had dropped the output.)"""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+                **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_no_core_files)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _stop_tree(proc)
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout:.0f} s; its output, then each process's "
+                    f"Python stacks when it was stopped:\n{stdout[-6000:]}\n{stderr[-20000:]}", pytrace=False)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
-        assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+        assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{stdout}\n{stderr}"
+    return result
+
+
+def _no_core_files() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGABRT below must not leave core files in the repository
+
+
+def _stop_tree(proc: subprocess.Popen, grace: float = 15) -> tuple[str, str]:
+    """SIGABRT to ``proc`` and everything below it (faulthandler prints each one's stacks), SIGKILL to what is
+    left after ``grace`` seconds; returns the output."""
+    import signal
+
+    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]  # any session
+    _signal(tree, signal.SIGABRT)
+    try:
+        output = proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal(tree, signal.SIGKILL)
+        output = proc.communicate()
+    _signal(tree, signal.SIGKILL)  # whatever outlived its dump
+    return output
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def trainer(*args: str) -> list[str]:

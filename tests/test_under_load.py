@@ -31,3 +31,30 @@ def test_a_flaky_test_is_named_with_the_runs_it_failed_and_the_busy_loops_are_st
     assert "test_flaky::test_fails_the_first_time_only: failed in run(s) 1\n    AssertionError: first run" in text, text
     assert "test_steady" not in text.split("passed in")[-1]
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before, "a busy loop was left running"
+
+
+HANGS = '''
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print("child", child.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_command_that_hangs_fails_with_its_stacks_and_leaves_no_process_behind():
+    """conftest.run on a timeout: the output so far and each process's Python stacks in the failure, and the
+    whole tree gone, a child in its own session included (as accelerate's launcher starts the ranks)."""
+    import re
+    import sys
+
+    import pytest
+
+    from conftest import run
+
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run([sys.executable, "-c", HANGS], timeout=3)
+    text = str(failed.value)
+    assert "did not finish in 3 s" in text and "Fatal Python error: Aborted" in text
+    assert re.search(r'File "<string>", line 5 in <module>', text), text  # the parent's stack: its sleep
+    child = int(re.search(r"child (\d+)", text).group(1))
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
