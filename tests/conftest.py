@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -74,26 +75,33 @@ def _no_core_files() -> None:
 
 
 def _stop_tree(proc: subprocess.Popen, grace: float = 15) -> tuple[str, str]:
-    """SIGABRT to ``proc`` and everything below it (faulthandler prints each one's stacks), SIGKILL to what is
-    left after ``grace`` seconds; returns the output."""
+    """SIGABRT to everything below ``proc`` and to it, one at a time, deepest first, so that each one's stacks
+    (faulthandler) come out whole on the shared stderr; SIGKILL to what is left; returns the output."""
     import signal
 
-    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]  # any session
-    _signal(tree, signal.SIGABRT)
+    tree = [*reversed(psutil.Process(proc.pid).children(recursive=True)), psutil.Process(proc.pid)]  # any session
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGABRT)
+            deadline = time.monotonic() + 3
+            while p.is_running() and p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except psutil.NoSuchProcess:
+            pass
     try:
         output = proc.communicate(timeout=grace)
     except subprocess.TimeoutExpired:
-        _signal(tree, signal.SIGKILL)
+        _kill(tree)
         output = proc.communicate()
-    _signal(tree, signal.SIGKILL)  # whatever outlived its dump
+    _kill(tree)  # whatever outlived its dump
     return output
 
 
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
+def _kill(tree: list[psutil.Process]) -> None:
+    for p in tree:
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            p.kill()  # psutil checks that the pid is still this process, not a reused one
+        except psutil.NoSuchProcess:
             pass
 
 

@@ -55,6 +55,7 @@ def test_a_command_that_hangs_fails_with_its_stacks_and_leaves_no_process_behind
         run([sys.executable, "-c", HANGS], timeout=3)
     text = str(failed.value)
     assert "did not finish in 3 s" in text and "Fatal Python error: Aborted" in text
-    assert re.search(r'File "<string>", line 5 in <module>', text), text  # the parent's stack: its sleep
+    assert re.search(r'File "<string>", line 1 in <module>\n(.|\n)*File "<string>", line 5 in <module>', text), \
+        text  # the child's stack, then the parent's: each whole
     child = int(re.search(r"child (\d+)", text).group(1))
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
