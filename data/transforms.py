@@ -193,10 +193,14 @@ class DecodeForResize:
     def __init__(self, size: int):
         self.size = size
 
+    def drafts(self, short_side: int) -> bool:
+        """Whether a JPEG with this shorter side is decoded at a reduced DCT scale (1/2 or less)."""
+        return self.size / short_side <= 0.5
+
     def __call__(self, data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         scale = self.size / min(img.size)
-        if scale <= 0.5 and img.format == "JPEG":
+        if self.drafts(min(img.size)) and img.format == "JPEG":
             img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -293,8 +297,8 @@ class RegionResizeCrop:
             return None
         w, h = header[:2]
         short, long = min(w, h), max(w, h)
-        if self.resize / short <= 0.5:
-            return None  # DecodeForResize decodes it at a reduced DCT scale
+        if self.transform.transforms[0].drafts(short):
+            return None  # DecodeForResize decodes it at a reduced DCT scale: cheaper
         # torchvision's Resize and CenterCrop, in numbers: the resized size, the crop's place in it
         new_short, new_long = self.resize, int(self.resize * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
