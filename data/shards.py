@@ -143,6 +143,17 @@ def _encode_job(job: tuple[str, int | None, int]) -> tuple[bytes | None, str]:
 # ---------------------------------------------------------------- one split
 
 ENCODE_WINDOW = 512  # images per pool task batch: two in flight bound memory (pool.imap would not)
+WAKE_S = 0.2  # how often the main thread wakes while it waits for the pool, to take a Ctrl-C
+
+
+def _pool_result(task):
+    """``task.get()``, waited for in short slices. Python runs a signal's handler only in the main thread,
+    but the kernel may hand SIGINT to any thread: to one of the pool's own, the main thread's untimed wait
+    never wakes to raise KeyboardInterrupt and Ctrl-C does nothing (make-shards hung in 1 of 6 Ctrl-Cs
+    beside two busy loops)."""
+    while not task.ready():
+        task.wait(WAKE_S)
+    return task.get()
 
 
 def _encoded_in_order(jobs: list, pool):
@@ -155,10 +166,10 @@ def _encoded_in_order(jobs: list, pool):
     for k in range(0, len(jobs), ENCODE_WINDOW):
         upcoming = pool.map_async(_encode_job, jobs[k:k + ENCODE_WINDOW], chunksize=8)
         if pending is not None:
-            yield from pending.get()
+            yield from _pool_result(pending)
         pending = upcoming
     if pending is not None:
-        yield from pending.get()
+        yield from _pool_result(pending)
 
 
 def write_split(name: str, root: Path, items: list[tuple[str, int]], out: Path,

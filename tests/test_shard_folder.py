@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run
 from data.make_shards import main as make_shards
 from test_shards import CLASSES, _jpeg, _tree, read_split
 
@@ -79,6 +79,29 @@ def test_output_folder_that_cannot_be_created_is_one_line(tmp_path, capsys, monk
     out = tmp_path / "locked" / "out"
     assert make_shards(_cli("--train-dir", tmp_path / "train", "--out", out)) == 2
     assert capsys.readouterr().err == f"error: cannot create output folder {out}: Permission denied\n"
+
+
+# The kernel gives a process's SIGINT to any thread that does not block it, and Python runs the handler only in
+# the main thread: here SIGINT lands on one of the pool's threads for certain (the main thread blocks it; the
+# pool's threads were started before), as it did by chance in 1 of 6 Ctrl-Cs of the test below beside two busy
+# loops, which then hung in the main thread's untimed wait for the pool.
+_CTRL_C_ON_A_POOL_THREAD = """
+import multiprocessing, os, signal, threading, time
+from data.shards import _ignore_interrupts, _pool_result
+with multiprocessing.Pool(1, _ignore_interrupts) as pool:
+    task = pool.apply_async(time.sleep, (120,))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # it inherits the mask: not it either
+    try:
+        _pool_result(task)
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+
+
+def test_ctrl_c_that_lands_on_a_pool_thread_still_interrupts_the_wait():
+    result = run([sys.executable, "-c", _CTRL_C_ON_A_POOL_THREAD], timeout=60, env={"PYTHONPATH": str(ROOT)})
+    assert result.stdout == "interrupted\n"
 
 
 @pytest.mark.slow
