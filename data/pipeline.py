@@ -39,8 +39,6 @@ import logging
 import multiprocessing
 import os
 import random
-import signal
-import threading
 from contextlib import contextmanager
 from itertools import islice
 
@@ -58,6 +56,7 @@ from .shard_reader import in_order, read_positions
 from .shards import IMAGE_KEY, LABEL_KEY, describe
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanCrop, TrainAugment, train_transform
+from .workers import context, start_options, worker_slot
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class BadSampleCounter:
 
     def __init__(self, max_bad_fraction: float):
         self.max_bad_fraction = max_bad_fraction
-        self._counts = multiprocessing.Array("q", 2)
+        self._counts = context().Array("q", 2)
         self._last_url = multiprocessing.Array("c", 1024, lock=False)  # guarded by _counts' lock
 
     @property
@@ -145,33 +144,6 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
         storage = images[0].untyped_storage()._new_shared(n * images[0].nbytes)
         out = torch.empty(0, dtype=images[0].dtype).set_(storage).view(n, h, w, c)
     return torch.stack(images, out=nchw(out))
-
-
-def worker_slot() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info else (0, 1)
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM, SIGINT and SIGUSR1 to the process that made the loader. SLURM
-    signals every process of a job step (preemption, scancel), a terminal's Ctrl-C the whole process group;
-    torch's own SIGTERM handler would end a worker at once and the run with "DataLoader worker killed",
-    before the trainer could write its checkpoint.
-
-    A SIGTERM from that process itself still ends the worker, as torch's handler does: that is how the
-    DataLoader, and multiprocessing at exit, stop workers that do not end by themselves. Python's handlers
-    cannot see who sent a signal, so SIGTERM is blocked here and a thread takes it with sigwaitinfo, which
-    can."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
-    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True).start()
-
-
-def _end_on_sigterm_from(parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(0)  # torch's handler exits 0 too, so the loader does not report a worker "killed"
 
 
 def main_line(e: Exception) -> str:
@@ -316,7 +288,7 @@ class TrainLoader(SampleAccounting):
         stream.transform(image_size)  # here, so a bad augmentation option fails before any worker starts
         self._loader = DataLoader(stream, batch_size=None,
                                   num_workers=num_workers, persistent_workers=num_workers > 0,
-                                  pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+                                  pin_memory=torch.cuda.is_available(), **start_options(num_workers))
 
     def __len__(self) -> int:
         """Batches per rank in a whole epoch."""

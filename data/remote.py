@@ -26,7 +26,6 @@ import contextlib
 import http.client
 import io
 import logging
-import multiprocessing
 import os
 import random
 import re
@@ -42,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import DataError, DataOutage
+from .workers import context
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class ShardReads:
 
     def __init__(self, policy: RetryPolicy = RetryPolicy(), cache=None):
         self.policy, self.cache = policy, cache  # cache: a data.shard_cache.ShardCache, or None
-        self._retries = multiprocessing.Value("q", 0)
+        self._retries = context().Value("q", 0)
 
     @property
     def retries(self) -> int:

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .device_decode import DeviceDecoder, EncodedBatch
-from .pipeline import (BadSampleCounter, SampleAccounting, check_rank, decode_batch, ignore_stop_signals,
-                       stack_images, worker_slot)
+from .pipeline import BadSampleCounter, SampleAccounting, check_rank, decode_batch, stack_images
 from .positions import even_share
 from .remote import ShardReads
 from .shard_reader import read_positions
 from .sources import ShardSet, resolve_shards
 from .transforms import PlanResize, val_transform
+from .workers import start_options, worker_slot
 
 
 def worker_run(num_samples: int, rank: int, world_size: int, worker: int, workers: int) -> tuple[int, int]:
@@ -75,7 +75,7 @@ class ValLoader(SampleAccounting):
         transform = transform if decode_on is None else PlanResize(transform)
         self._loader = DataLoader(_ValStream(shards, self, transform), batch_size=None, num_workers=num_workers,
                                   persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                                  worker_init_fn=ignore_stop_signals)
+                                  **start_options(num_workers))
 
     def __len__(self) -> int:
         """Batches this rank yields (exact unless every sample of a batch is corrupt)."""
