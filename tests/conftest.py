@@ -44,6 +44,21 @@ def small_digits_shards(digits_shards, tmp_path_factory) -> Path:
     return out / "shards"
 
 
+def image_shards(root: Path, counts: dict[str, int], image, *, classes: int, shard_size: int) -> Path:
+    """Our writer's shards in ``root/out`` of ``counts[split]`` JPEGs per split (``image(split, i)``, quality
+    90, image i in class folder c{i % classes}), written by the writer in this process."""
+    from data.shards import WriterConfig, write_dataset
+
+    for split, n in counts.items():
+        for i in range(n):
+            path = root / split / f"c{i % classes}" / f"{i:03d}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image(split, i).save(path, quality=90)
+    write_dataset(root / "out", *(root / s if s in counts else None for s in ("train", "val")),
+                  cfg=WriterConfig(shard_size=shard_size, workers=1))
+    return root / "out"
+
+
 def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
     """Run a command from the repository root; on failure the assertion shows its output.
 

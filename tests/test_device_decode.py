@@ -15,8 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 import data.device_decode
+from conftest import image_shards
 from data import build_train_loader, build_val_loader, region_decode
-from data.shards import WriterConfig, write_dataset
 from data.transforms import DecodeRandomResizedCrop, PlanCrop, TrainAugment, train_transform
 
 AUG = TrainAugment(scale=(0.08, 1.0), hflip=0.5)
@@ -32,14 +32,8 @@ def photo(seed: int, width: int = 320, height: int = 240) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def photo_shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    for split, n in (("train", 32), ("val", 12)):
-        for i in range(n):
-            path = root / split / f"c{i % 2}" / f"{i:03d}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            photo(i + 1000 * (split == "val")).save(path, quality=90)
-    write_dataset(root / "out", root / "train", root / "val", cfg=WriterConfig(shard_size=8, workers=1))
-    return root / "out"
+    return image_shards(tmp_path_factory.mktemp("photos"), {"train": 32, "val": 12},
+                        lambda split, i: photo(i + 1000 * (split == "val")), classes=2, shard_size=8)
 
 
 def recorded_draws(monkeypatch) -> list:

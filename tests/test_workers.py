@@ -20,21 +20,15 @@ import torch
 from PIL import Image
 
 import data.workers
-from data.workers import SERVER_KEEPS
+from conftest import image_shards
 from data import TrainAugment, build_train_loader, build_val_loader
-from data.shards import WriterConfig, write_dataset
+from data.workers import SERVER_KEEPS
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("workers")
-    for split, count in (("train", 48), ("val", 20)):
-        for i in range(count):
-            path = root / split / f"c{i % 3}" / f"{i:03d}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (24, 20), (i * 5, 255 - i * 5, 128)).save(path, quality=95)
-    write_dataset(root / "out", root / "train", root / "val", cfg=WriterConfig(shard_size=6))
-    return root / "out"
+    return image_shards(tmp_path_factory.mktemp("workers"), {"train": 48, "val": 20},
+                        lambda split, i: Image.new("RGB", (24, 20), (i * 5, 255 - i * 5, 128)), classes=3, shard_size=6)
 
 
 @pytest.fixture
