@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
                 **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_no_core_files)
+                            preexec_fn=command_defaults)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -83,10 +84,15 @@ def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check:
     return result
 
 
-def _no_core_files() -> None:
+def command_defaults() -> None:
+    """preexec_fn of the commands tests start: no core files (run's timeout SIGABRTs a hung command, which must
+    not leave them in the repository), and Ctrl-C at its default, as from a terminal, whatever pytest inherited:
+    started in the background by a script (`pytest &`, nohup), it ignores SIGINT, as would all it starts, and a
+    test's Ctrl-C would do nothing (make-shards' Ctrl-C test hung in a run of tests/under_load.py started so)."""
     import resource
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGABRT below must not leave core files in the repository
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_tree(proc: subprocess.Popen, grace: float = 15) -> tuple[str, str]:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import checkpoints as C
-from conftest import ROOT, accelerate_launch, free_port, run, trainer
+from conftest import ROOT, accelerate_launch, command_defaults, free_port, run, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,8 @@ class Launch:
     def __init__(self, cmd: list, env: dict | None = None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     preexec_fn=command_defaults)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, command_defaults, run
 from data.make_shards import main as make_shards
 from test_shards import CLASSES, _jpeg, _tree, read_split
 
@@ -114,7 +114,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_only_complete_splits(tmp_path):
     cmd = [sys.executable, "-m", "data.make_shards", "--train-dir", tmp_path / "train", "--val-dir",
            tmp_path / "val", "--out", out, "--workers", "2"]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=command_defaults)
     try:
         # train is complete once the manifest lists it; val then blocks in a worker on the FIFO
         for _ in range(2400):  # at most 2 minutes, on a loaded machine

@@ -17,7 +17,7 @@ import torch
 import torchvision
 import yaml
 
-from conftest import ROOT, accelerate_launch, run, trainer
+from conftest import ROOT, accelerate_launch, command_defaults, run, trainer
 from engine.config import parse_config
 from engine.options import STOP_CHECK_EVERY
 from engine.recipe import build_optimizer, lr_factor
@@ -169,7 +169,7 @@ def start_synthetic(out: Path, *extra: str, env: dict | None = None) -> subproce
                   "--num-classes", "10", "--log-every", "5", "--output-dir", out, *extra)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                 **(env or {})})
+                                 **(env or {})}, preexec_fn=command_defaults)
 
 
 def read_until(proc: subprocess.Popen, prefix: str, lines: list, timeout: float = 240) -> None:

@@ -59,3 +59,35 @@ def test_a_command_that_hangs_fails_with_its_stacks_and_leaves_no_process_behind
         text  # the child's stack, then the parent's: each whole
     child = int(re.search(r"child (\d+)", text).group(1))
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+CTRL_C = '''
+import os, signal
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.sigtimedwait([], 0)  # (a call into C: Python runs the handler on its way back)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+'''
+
+
+def test_the_commands_tests_start_take_ctrl_c_even_where_pytest_was_started_ignoring_it():
+    """A script that starts pytest in the background (`pytest &`, nohup) starts it with SIGINT ignored, and
+    every process started from it inherits that: Python then installs no KeyboardInterrupt, and a test's
+    Ctrl-C did nothing (make-shards' Ctrl-C test hung in a run of tests/under_load.py started so). The
+    commands the tests start take Ctrl-C as from a terminal."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import command_defaults, run
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        through_run = run([sys.executable, "-c", CTRL_C], timeout=60).stdout
+        started = subprocess.run([sys.executable, "-c", CTRL_C], preexec_fn=command_defaults, capture_output=True,
+                                 text=True, timeout=60).stdout
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert through_run == started == "interrupted\n"
