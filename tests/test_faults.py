@@ -322,7 +322,12 @@ def test_a_killed_or_hung_rank_ends_the_run_within_a_bound(tmp_path, launch):
     finally:
         hung.kill_all()
     assert 13 <= waited <= 60, f"the survivor waited {waited:.0f} s for a hung rank (--dist-timeout 15)"
-    assert "Timed out waiting 15000ms" in hung.output, hung.output
+    # gloo's two words for that timeout: the operation that timed out raises "Timed out waiting 15000ms ...", and
+    # closes the connection under the others in flight (DDP's buckets), which raise "Application timeout caused
+    # pair closure"; which of them backward reports first is a matter of timing (the second, in 1 of 4 runs of
+    # tests/under_load.py beside two busy loops)
+    assert "Timed out waiting 15000ms" in hung.output or "Application timeout caused pair closure" in hung.output, \
+        hung.output
 
 
 # ------------------------------------------------------------------------------- 5. non-finite loss
