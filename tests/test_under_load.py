@@ -91,3 +91,52 @@ def test_the_commands_tests_start_take_ctrl_c_even_where_pytest_was_started_igno
     finally:
         signal.signal(signal.SIGINT, before)
     assert through_run == started == "interrupted\n"
+
+
+SLEEPS = '''
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def launched():
+    yield
+    Path(__file__).with_suffix(".torn_down").touch()  # where a test's fixture stops the commands it started
+
+
+def test_sleeps(launched):
+    Path(__file__).with_suffix(".started").touch()
+    time.sleep(600)
+'''
+
+
+def test_a_killed_series_interrupts_its_pytest_stops_the_busy_loops_and_says_so(tmp_path):
+    """kill(1) to the script mid-run: pytest gets a Ctrl-C, so its fixtures tear down what the test started
+    (before, pytest ran on alone and so did the busy loops), and the script ends with the runs so far."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    test = tmp_path / "test_sleeps.py"
+    test.write_text(SLEEPS)
+    script = subprocess.Popen([sys.executable, under_load.__file__, "--runs", "3", "--busy", "1", "--out",
+                               str(tmp_path / "out"), "--", str(test)], stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under nohup
+    try:
+        deadline = time.monotonic() + 120
+        while not test.with_suffix(".started").exists():
+            assert script.poll() is None and time.monotonic() < deadline, "pytest never started the test"
+            time.sleep(0.05)
+        started = psutil.Process(script.pid).children(recursive=True)
+        script.terminate()
+        out, _ = script.communicate(timeout=120)
+    finally:
+        script.kill()
+    assert script.returncode == 130, out
+    assert "interrupted in run 1: it is not counted" in out and "0 run(s)" in out, out
+    assert test.with_suffix(".torn_down").exists(), "pytest did not tear the test down"
+    assert len(started) >= 2  # pytest and the busy loop
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "left running"

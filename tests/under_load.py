@@ -7,8 +7,10 @@
 Each run is a fresh `python -m pytest` (CI=true, so nothing that CI must run is skipped) with a JUnit report;
 the summary lists every failing test with its message and the runs it failed in, and says whether the last
 runs passed in a row. It exits 1 if any run failed. The busy processes are plain spin loops (pinned to
---cpus too, when given): a shared CI machine's neighbours, not a benchmark. Not collected by pytest (its name
-does not start with test_).
+--cpus too, when given): a shared CI machine's neighbours, not a benchmark. Ctrl-C or kill(1) stops the series:
+the run in progress is interrupted as pytest's own Ctrl-C does (its fixtures stop what they started) and not
+counted, the busy loops are stopped, and the runs before it are summarised (exit 130). Not collected by pytest
+(its name does not start with test_).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,40 @@ def pinned(cpus: str):
     return lambda: os.sched_setaffinity(0, chosen)
 
 
+def interruptible(cpus: str):
+    """pytest's preexec hook: pinned to `cpus`, and Ctrl-C at its default even where this script was started
+    ignoring it (nohup, `&` in a script), so that stop() below can interrupt it."""
+    pin = pinned(cpus)
+
+    def hook():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if pin:
+            pin()
+    return hook
+
+
+class Stopped(KeyboardInterrupt):
+    """kill(1) to this script: pytest has not been told."""
+
+
+def _stopped(signum, frame):
+    raise Stopped
+
+
+def stop(proc: subprocess.Popen, told: bool, grace: float = 60) -> None:
+    """pytest interrupted as by Ctrl-C, so that its fixtures stop the commands they started (ranks in sessions of
+    their own, which a kill of pytest would leave running); a terminal's Ctrl-C reached it already (`told`: it goes
+    to the whole process group, and a second one could cut the teardown short). Killed if it has not ended after
+    `grace` seconds."""
+    if not told:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def failures(report: Path) -> dict[str, str]:
     """Test id -> first line of its failure or error, from a JUnit XML report."""
     if not report.exists():
@@ -71,8 +108,13 @@ def one_run(i: int, pytest_args: list[str], out: Path, cpus: str) -> tuple[int, 
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *pytest_args]
     t0 = time.monotonic()
     with open(out / f"run-{i:02d}.log", "w") as log:
-        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "CI": "true"}, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=pinned(cpus)).returncode
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "CI": "true"}, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=interruptible(cpus))
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt as e:
+            stop(proc, told=not isinstance(e, Stopped))
+            raise
     failed = failures(report)
     if code not in (0, 5) and not failed:
         failed = {"<pytest>": f"exit code {code} with no failing test in the report (see run-{i:02d}.log)"}
@@ -103,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="under-load-"))
     out.mkdir(parents=True, exist_ok=True)
     busy = [subprocess.Popen([sys.executable, "-c", SPIN], preexec_fn=pinned(args.cpus)) for _ in range(args.busy)]
-    results = []
+    results, interrupted = [], False
     try:
         for i in range(1, args.runs + 1):
             results.append(one_run(i, pytest_args, out, args.cpus))
             code, seconds, failed = results[-1]
             print(f"run {i}/{args.runs}: exit {code} in {seconds:.0f} s"
                   + (f", failed: {', '.join(failed)}" if failed else ""), flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted in run {len(results) + 1}: it is not counted", flush=True)
     finally:
         for p in busy:
             p.kill()
@@ -119,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         {"pytest_args": pytest_args, "busy": args.busy, "cpus": args.cpus,
          "runs": [{"exit": c, "seconds": round(s, 1), "failed": f} for c, s, f in results]}, indent=1))
     print(f"{text}\nreports and logs: {out}")
-    return 1 if any(f for _, _, f in results) else 0
+    return 130 if interrupted else 1 if any(f for _, _, f in results) else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stopped)  # kill(1) stops the series as Ctrl-C does, with nothing left running
     sys.exit(main())
