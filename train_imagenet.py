@@ -43,7 +43,6 @@ the last good checkpoint. What survives what, and the test that shows it: README
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -62,8 +61,8 @@ from engine.recipe import (Learner, ScheduleClock, build_criterion, build_ema, b
                            build_scheduler, network_card, peak_lr)
 from engine.resume import Fit, resume_from
 from engine.rundir import claim_run_dir
-from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, bare, make_accelerator, seed_each_rank,
-                            write_run_info)
+from engine.runtime import (adopt_slurm_ranks, allow_a_graph_per_size, bare, before_exit, make_accelerator,
+                            seed_each_rank, write_run_info)
 from engine.stops import StopRequest, exit_for_outage
 from engine.trainer import Trainer
 
@@ -146,5 +145,5 @@ def evaluate_only(cfg: Config, accelerator) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    finally:  # spare the exit its collection of the millions of objects torch, torchvision and timm made: a
-        gc.freeze()  # second or more per process; atexit handlers still run, stdout/stderr are still flushed
+    finally:
+        before_exit()  # gloo's threads let go of their tensors, and Python skips its last garbage collection

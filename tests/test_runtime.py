@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from conftest import ROOT, command_defaults, free_port
 from engine import checkpoints, stops
 from engine.config import parse_config
 from engine.runtime import any_rank, write_run_info
@@ -121,3 +125,43 @@ def test_credentials_in_a_data_url_reach_neither_config_yaml_nor_run_info(tmp_pa
     written = (tmp_path / "config.yaml").read_text() + (tmp_path / "run_info.json").read_text()
     assert "s3cret" not in written and "t0ken" not in written
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data_dir"] == "https://***@store.example/in1k?***"
+
+
+EXITS_AFTER_AN_ALL_REDUCE = """
+import ctypes, sys, torch, torch.distributed as dist
+from engine.runtime import before_exit
+dist.init_process_group("gloo")
+x = torch.ones(1)
+base = sys.getrefcount(x)  # gloo's worker thread holds one more while the operation's tensors are in its hands
+sys.setswitchinterval(1000.0)  # this thread keeps the GIL until it blocks or sleeps: the worker cannot let go
+dist.all_reduce(x, async_op=True)  # the handle dropped at once: the worker has the operation's last reference
+value = ctypes.c_float.from_address(x.data_ptr())
+while value.value != 2:  # reading it through torch would hand the GIL over
+    pass
+try:
+    raise SystemExit(1)  # what console.fatal does, right after the ranks agreed to stop
+finally:
+    before_exit()
+    held = sys.getrefcount(x) - base
+    print(f"held by gloo at exit: {held}", flush=True)
+"""
+
+
+def test_a_rank_exiting_right_after_a_collective_lets_gloo_finish_with_its_tensors_first():
+    """Found under issue 21: a rank that printed its error line then aborted ("terminate called without an active
+    exception", exit -6), 1 run in 20 of the disk-full test. Gloo's worker thread still held the last all-reduce's
+    tensors and asked for the GIL to let them go while the interpreter finalized (engine/runtime.py, before_exit).
+    Here the rank holds the GIL from the moment the all-reduce completes, so without the hand-over the worker
+    has certainly not let go when the process reaches its exit."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", EXITS_AFTER_AN_ALL_REDUCE], cwd=ROOT, env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=command_defaults) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert all("held by gloo at exit: 0" in out for out in outs), outs
