@@ -218,7 +218,7 @@ def test_the_crops_resize_is_torchvisions(crop, out):
     import torchvision.transforms.v2.functional as F2
 
     h, w = crop
-    hwc = torch.from_numpy(np.asarray(_photo(w + 7, h + 5, seed=h * w))).permute(2, 0, 1)
+    hwc = torch.from_numpy(np.array(_photo(w + 7, h + 5, seed=h * w))).permute(2, 0, 1)
     for image in (hwc, hwc.contiguous()):
         box = (3, 5, h, w)
         want = F2.resize(image[None, :, 3:3 + h, 5:5 + w].contiguous(memory_format=torch.channels_last), list(out),
